@@ -28,7 +28,7 @@ class Prediction:
     ttft: float  # seconds from the candidate's arrival to its first token
     e2e: float  # seconds from arrival to last token (nan when only TTFT was asked)
     queueing: float  # arrival to first scheduled iteration
-    added_delay: float  # mean extra seconds inflicted on requests already there (nan unless asked)
+    added_delay: float  # total extra seconds inflicted on requests already there (nan unless asked)
     kv_pressure: float  # peak fraction of KV blocks in use on the way
     preemptions: int  # preemptions the fork ran into
     state_age: float  # how old the state was when the prediction was made
@@ -153,7 +153,8 @@ class Predictor:
 
     def _added_delay(self, state: InstanceState, with_cand: Engine, arrival: float,
                      extra: Sequence[Request]) -> float:
-        """Mean delay the candidate adds to the requests already there, up to when the fork stopped."""
+        """Total delay the candidate adds to the requests already there, up to when its fork stopped
+        (requests still unfinished then count as finishing then, so this is a lower bound)."""
         base = self.fork(state)
         for r in extra:
             base.add_request(self._as_seen(r, arrival, state.config.max_model_len))
@@ -161,9 +162,7 @@ class Predictor:
         base.advance(end)
         before = {s.id: s.finish_time for s in base.finished}
         after = {s.id: s.finish_time for s in with_cand.finished}
-        if not before:
-            return 0.0
-        return float(np.mean([after.get(i, end) - t for i, t in before.items()]))
+        return float(sum(after.get(i, end) - t for i, t in before.items()))
 
     def predict_many(self, state: InstanceState, candidates: Sequence[Request], **kwargs) -> list[Prediction]:
         return [self.predict(state, c, **kwargs) for c in candidates]

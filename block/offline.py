@@ -1,0 +1,239 @@
+"""Offline policy experiments with an honest split between the world and the predictor.
+
+The *world* is the simulated cluster: roofline step times with per-iteration noise and the true output
+length of every request. The *predictor* sees what a live side-car could: instance states refreshed
+every ``state_interval`` seconds (requests dispatched since then are known only to the router), a
+timing model it calibrated from noisy step-time measurements of a warm-up run, and a length prior
+taken from a disjoint half of the length data (or an estimator's guesses). Oracle modes that break
+this split exist for upper bounds and are labelled "oracle" wherever they are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from block.policies import LoadSignals, Policy, make_policy
+from block.predictor.core import LengthPrior, Prediction, Predictor
+from simulator.cluster import Cluster, Instance
+from simulator.engine import Engine, EngineConfig, InstanceState
+from simulator.hardware import get_gpu, get_model, num_kv_blocks
+from simulator.metrics import records_frame, summarize
+from simulator.timing import Calibrated, Roofline, StepSample, TimingModel
+from simulator.workload import Request, Trace, load_named_trace, poisson_arrivals, synthetic_lengths
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    gpu: str
+    model: str
+    instances: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    num_blocks: int | None = None  # None: size the KV cache from GPU memory like vLLM
+    chunked_prefill: bool = True
+    tensor_parallel: int = 1
+
+    def engine_config(self) -> EngineConfig:
+        gpu, model = get_gpu(self.gpu), get_model(self.model)
+        blocks = self.num_blocks or num_kv_blocks(gpu, model, tensor_parallel=self.tensor_parallel)
+        return EngineConfig(num_blocks=blocks, max_num_seqs=self.max_num_seqs,
+                            max_num_batched_tokens=self.max_num_batched_tokens,
+                            chunked_prefill=self.chunked_prefill, max_model_len=model.max_context)
+
+    def world_timing(self) -> Roofline:
+        return Roofline(get_gpu(self.gpu), get_model(self.model), self.tensor_parallel)
+
+
+PRESETS: dict[str, ClusterSpec] = {
+    # Block's paper setting: 12 x A30, Llama-2-7B, batch cap 48, chunk 512, 1052 KV blocks.
+    "paper": ClusterSpec("A30", "Llama-2-7B", 12, 48, 512, 1052),
+    # Vidur's reference workload: 4 x A100, Llama-2-7B, chunk 512, batch cap 128.
+    "vidur": ClusterSpec("A100-80G", "Llama-2-7B", 4, 128, 512),
+    # The embedded default of `make demo`: small enough to run anywhere in seconds.
+    "demo": ClusterSpec("A100-80G", "Llama-2-7B", 4, 64, 512),
+}
+
+
+def get_preset(name: str) -> ClusterSpec:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass
+class Honesty:
+    """How much the predictor knows. Defaults are the honest, realistic setting."""
+
+    noise: float = 0.10  # world per-iteration step-time noise (+-)
+    state_interval: float = 0.02  # predictor state staleness
+    oracle_timing: bool = False  # predictor uses the world's own timing model
+    oracle_lengths: bool = False  # requests carry their true length as the "estimate"
+
+    @property
+    def label(self) -> str:
+        parts = [p for p, on in (("oracle-timing", self.oracle_timing), ("oracle-lengths", self.oracle_lengths))
+                 if on]
+        return "+".join(parts) if parts else "honest"
+
+
+def lengths_source(name: str, seed: int) -> tuple[Trace, LengthPrior]:
+    """Lengths to sample from and a prior fitted on a disjoint half (what past traffic would show)."""
+    if name == "synthetic":
+        trace = synthetic_lengths(4000, np.random.default_rng(seed + 10_000))
+        prior_lengths = synthetic_lengths(4000, np.random.default_rng(seed + 20_000)).output_tokens
+        return trace, LengthPrior(prior_lengths, "synthetic")
+    trace = load_named_trace(name).clipped(4096)
+    order = np.random.default_rng(12345).permutation(len(trace))
+    half = order[: len(order) // 2]
+    return trace, LengthPrior(trace.output_tokens[half], f"{name}-half")
+
+
+def poisson_workload(trace: Trace, n: int, qps: float, seed: int) -> list[Request]:
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(trace), size=n)
+    arrivals = poisson_arrivals(n, qps, rng)
+    return [Request(i, float(arrivals[i]), int(trace.prompt_tokens[j]), int(trace.output_tokens[j]))
+            for i, j in enumerate(idx)]
+
+
+def trace_workload(trace: Trace, n: int, qps: float) -> list[Request]:
+    """Replay the first n requests of a timed trace, time-scaled to ``qps`` (burst shape kept)."""
+    return trace.head(n).clipped(4096).scaled_to_qps(qps).requests()
+
+
+_CALIBRATION_CACHE: dict[tuple, Calibrated] = {}
+
+
+def calibrate(spec: ClusterSpec, noise: float, trace: Trace, seed: int = 0) -> Calibrated:
+    """Fit the predictor's timing model on step times measured from a warm-up run of one world engine,
+    as a deployment would from its first minutes of engine metrics."""
+    key = (spec, noise, seed, len(trace))
+    if key in _CALIBRATION_CACHE:
+        return _CALIBRATION_CACHE[key]
+    eng = Engine(spec.engine_config(), spec.world_timing(), noise=noise, seed=seed + 777, fast_path=False)
+    eng.step_log = []
+    reqs = poisson_workload(trace, 400, 4.0, seed + 999)
+    for r in reqs:
+        eng.advance(r.arrival)
+        eng.add_request(r)
+    eng.advance()
+    rng = np.random.default_rng(seed)
+    log = eng.step_log
+    pick = rng.choice(len(log), size=min(3000, len(log)), replace=False)
+    samples = [StepSample(log[i][0], log[i][1], log[i][2], log[i][3]) for i in pick]
+    model = Calibrated.fit(samples)
+    _CALIBRATION_CACHE[key] = model
+    return model
+
+
+@dataclass
+class SimCandidate:
+    """An instance as the router sees it offline: a (possibly stale) state plus its own dispatches."""
+
+    name: str
+    state: InstanceState
+    pending: list[Request]
+    predictor: Predictor
+    now: float
+    signals: LoadSignals = field(init=False)
+    predictions: dict[str, Prediction] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.signals = LoadSignals.from_state(self.state, self.predictor.prior, self.pending)
+
+    @property
+    def dispatched(self) -> int:
+        return len(self.pending)
+
+    def prediction(self, request: Request, target: str) -> Prediction:
+        if target not in self.predictions:
+            self.predictions[target] = self.predictor.predict(
+                self.state, request, target=target, now=self.now, instance=self.name, extra=self.pending)
+        return self.predictions[target]
+
+
+class SimRouter:
+    """Adapts a Policy to the simulator's router callback, with stale states and a decision log."""
+
+    def __init__(self, policy: Policy, predictor: Predictor, state_interval: float):
+        self.policy = policy
+        self.predictor = predictor
+        self.state_interval = state_interval
+        self._views: dict[str, tuple[float, InstanceState, list[Request]]] = {}
+        self.decisions: list[dict] = []
+        self.decision_seconds = 0.0
+
+    def __call__(self, request: Request, instances: Sequence[Instance], now: float) -> str:
+        t0 = time.perf_counter()
+        candidates = []
+        for inst in instances:
+            view = self._views.get(inst.name)
+            if view is None or now - view[0] >= self.state_interval:
+                view = (now, inst.engine.snapshot(), [])
+                self._views[inst.name] = view
+            candidates.append(SimCandidate(inst.name, view[1], view[2], self.predictor, now))
+        choice = self.policy.choose(request, candidates)
+        self._views[choice][2].append(request)
+        chosen = next(c for c in candidates if c.name == choice)
+        pred = chosen.predictions.get("e2e") or chosen.predictions.get("ttft")
+        self.decisions.append({
+            "request_id": request.id, "time": now, "instance": choice,
+            "predicted_ttft": pred.ttft if pred else float("nan"),
+            "predicted_e2e": pred.e2e if pred else float("nan"),
+            "candidates_predicted": sum(bool(c.predictions) for c in candidates),
+        })
+        self.decision_seconds += time.perf_counter() - t0
+        return choice
+
+
+@dataclass
+class RunResult:
+    records: pd.DataFrame
+    decisions: pd.DataFrame
+    summary: dict
+
+
+def run_policy(
+    spec: ClusterSpec,
+    policy_name: str,
+    requests: Sequence[Request],
+    *,
+    prior: LengthPrior,
+    calibration_trace: Trace,
+    honesty: Honesty | None = None,
+    seed: int = 0,
+    power_of_k: int | None = None,
+    length_estimator: Callable[[Sequence[Request]], list[int]] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Simulate one policy on one workload and return per-request records and a summary."""
+    honesty = honesty or Honesty()
+    policy = make_policy(policy_name, seed=seed, power_of_k=power_of_k, num_instances=spec.instances)
+    reqs = list(requests)
+    if policy.uses_length_estimates:
+        if honesty.oracle_lengths:
+            estimates = [r.output_tokens for r in reqs]
+        elif length_estimator is not None:
+            estimates = length_estimator(reqs)
+        else:
+            raise ValueError(f"policy {policy_name!r} needs length estimates: pass a length estimator "
+                             "or use oracle lengths (labelled oracle)")
+        reqs = [dataclasses.replace(r, predicted_output_tokens=int(e)) for r, e in zip(reqs, estimates, strict=True)]
+    cfg = spec.engine_config()
+    world = spec.world_timing()
+    timing: TimingModel = world if honesty.oracle_timing else calibrate(spec, honesty.noise, calibration_trace)
+    predictor = Predictor(timing, prior)
+    router = SimRouter(policy, predictor, honesty.state_interval)
+    engines = [Engine(cfg, world, noise=honesty.noise, seed=seed * 1000 + i, name=f"instance-{i}")
+               for i in range(spec.instances)]
+    result = Cluster(engines, router).run(reqs, progress=progress)
+    records = records_frame(result.finished)
+    summary = summarize(records)
+    summary["decision_ms_mean"] = router.decision_seconds / max(1, len(reqs)) * 1e3
+    return RunResult(records, pd.DataFrame(router.decisions), summary)
