@@ -23,7 +23,7 @@ from block.predictor.core import LengthPrior, Prediction, Predictor
 from simulator.cluster import Cluster, Instance
 from simulator.engine import Engine, EngineConfig, InstanceState
 from simulator.hardware import get_gpu, get_model, num_kv_blocks
-from simulator.metrics import records_frame, summarize
+from simulator.metrics import capacity, records_frame, summarize
 from simulator.timing import Calibrated, Roofline, StepSample, TimingModel
 from simulator.workload import Request, Trace, load_named_trace, poisson_arrivals, synthetic_lengths
 
@@ -237,3 +237,62 @@ def run_policy(
     summary = summarize(records)
     summary["decision_ms_mean"] = router.decision_seconds / max(1, len(reqs)) * 1e3
     return RunResult(records, pd.DataFrame(router.decisions), summary)
+
+
+@dataclass
+class Study:
+    """One offline experiment set-up: cluster, lengths, arrivals and what the predictor may know."""
+
+    spec: ClusterSpec
+    lengths: str = "synthetic"  # "synthetic" (embedded), "alpaca", or a timed trace name for replay
+    requests: int = 2000
+    honesty: Honesty = field(default_factory=Honesty)
+    replay: bool = False  # replay the trace's own (time-scaled) arrivals instead of Poisson
+    power_of_k: int | None = None
+    length_estimator: Callable[[Sequence[Request]], list[int]] | None = None
+
+    def __post_init__(self) -> None:
+        self.trace, self.prior = lengths_source(self.lengths, 0)
+
+    def workload(self, qps: float, seed: int) -> list[Request]:
+        if self.replay:
+            return trace_workload(self.trace, self.requests, qps)
+        return poisson_workload(self.trace, self.requests, qps, seed)
+
+    def run(self, policy: str, qps: float, seed: int) -> RunResult:
+        return run_policy(self.spec, policy, self.workload(qps, seed), prior=self.prior,
+                          calibration_trace=self.trace, honesty=self.honesty, seed=seed,
+                          power_of_k=self.power_of_k, length_estimator=self.length_estimator)
+
+
+def compare(study: Study, policies: Sequence[str], qps_values: Sequence[float], seeds: Sequence[int],
+            progress: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Every policy at every QPS and seed: one row each with the headline latencies."""
+    rows = []
+    for qps in qps_values:
+        for policy in policies:
+            for seed in seeds:
+                s = study.run(policy, qps, seed).summary
+                rows.append({"policy": policy, "qps": qps, "seed": seed, "mode": study.honesty.label,
+                             **{k: s[k] for k in ("p50_ttft", "p99_ttft", "p50_e2e", "p99_e2e",
+                                                  "preemptions", "decision_ms_mean")}})
+                if progress is not None:
+                    progress(f"{policy} qps={qps} seed={seed}")
+    return pd.DataFrame(rows)
+
+
+def capacity_table(study: Study, policies: Sequence[str], slos: Sequence[float], seeds: Sequence[int],
+                   lo: float, hi: float, rel_tol: float = 0.02,
+                   progress: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Capacity (max QPS with P99 TTFT <= SLO) of each policy at each SLO, per seed and averaged."""
+    rows = []
+    for policy in policies:
+        for slo in slos:
+            cap = capacity(lambda qps, seed, policy=policy: study.run(policy, qps, seed).records, slo,
+                           metric="ttft", q=99, lo=lo, hi=hi, seeds=seeds, rel_tol=rel_tol)
+            rows.append({"policy": policy, "slo_ttft_p99_s": slo, "capacity_qps": cap["capacity"],
+                         "capacity_std": cap["capacity_std"], "per_seed": cap["per_seed"],
+                         "mode": study.honesty.label})
+            if progress is not None:
+                progress(f"{policy} slo={slo}s capacity={cap['capacity']:.2f}")
+    return pd.DataFrame(rows)

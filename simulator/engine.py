@@ -155,8 +155,21 @@ class Seq:
     in the world, an estimate in a predictor's fork."""
 
     __slots__ = (
-        "arrival", "computed", "finish_time", "first_scheduled", "first_token", "generated", "id",
-        "in_decode", "offset", "preempted", "preemptions", "predicted", "prompt", "target", "version",
+        "arrival",
+        "computed",
+        "finish_time",
+        "first_scheduled",
+        "first_token",
+        "generated",
+        "id",
+        "in_decode",
+        "offset",
+        "predicted",
+        "preempted",
+        "preemptions",
+        "prompt",
+        "target",
+        "version",
     )
 
     def __init__(self, rid: int, arrival: float, prompt: int, target: int, predicted: int | None = None):

@@ -141,8 +141,7 @@ def _rows(path: Path, required: tuple[str, ...]):
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}:1: missing columns {missing}; header is {reader.fieldnames}")
-        for line, row in enumerate(reader, start=2):
-            yield line, row
+        yield from enumerate(reader, start=2)
 
 
 def read_splitwise_csv(path: str | Path) -> Trace:

@@ -1,0 +1,181 @@
+"""The ``block`` command line: offline simulation and studies (live-cluster commands join later)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from block.offline import (
+    PRESETS,
+    ClusterSpec,
+    Honesty,
+    Study,
+    capacity_table,
+    compare,
+    get_preset,
+    run_policy,
+)
+from block.policies import HEURISTICS, POLICIES
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _spec(args: argparse.Namespace) -> ClusterSpec:
+    spec = get_preset(args.preset)
+    overrides = {k: v for k, v in (("instances", args.instances), ("gpu", args.gpu), ("model", args.model),
+                                   ("max_num_seqs", args.max_num_seqs),
+                                   ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
+    if overrides:
+        spec = ClusterSpec(**{**spec.__dict__, **overrides, "num_blocks": None if (
+            "gpu" in overrides or "model" in overrides) else spec.num_blocks})
+    spec.engine_config()  # fail early on impossible configurations
+    return spec
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="demo", help=f"cluster preset: {', '.join(PRESETS)}")
+    p.add_argument("--instances", type=int)
+    p.add_argument("--gpu")
+    p.add_argument("--model")
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--lengths", default="synthetic",
+                   help="synthetic (embedded), alpaca, or a trace name/path (needs BLOCK_DATA_DIR)")
+    p.add_argument("--replay", action="store_true", help="replay the trace's arrivals, time-scaled to --qps")
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--noise", type=float, default=0.10, help="world step-time noise (+-)")
+    p.add_argument("--staleness", type=float, default=0.02, help="predictor state age in seconds")
+    p.add_argument("--oracle-timing", action="store_true", help="predictor uses the world's timing (oracle)")
+    p.add_argument("--oracle-lengths", action="store_true", help="block_star gets true lengths (oracle)")
+    p.add_argument("--power-of-k", type=int)
+
+
+def _study(args: argparse.Namespace) -> Study:
+    honesty = Honesty(args.noise, args.staleness, args.oracle_timing, args.oracle_lengths)
+    return Study(_spec(args), args.lengths, args.requests, honesty, args.replay, args.power_of_k)
+
+
+def _write(df: pd.DataFrame, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(path, index=False)
+        print(f"wrote {path}")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    study = _study(args)
+    spec = study.spec
+    cfg = spec.engine_config()
+    print(f"{spec.instances} x {spec.gpu} {spec.model}: {cfg.num_blocks} KV blocks, batch cap {cfg.max_num_seqs}, "
+          f"chunk {cfg.max_num_batched_tokens}; policy {args.policy}; {args.requests} requests at {args.qps} QPS "
+          f"({args.lengths} lengths, {study.honesty.label})")
+    with tqdm(total=args.requests, desc="simulating", unit="req", disable=not sys.stderr.isatty()) as bar:
+        def tick(i: int) -> None:
+            bar.update(i - bar.n)
+
+        result = run_policy(spec, args.policy, study.workload(args.qps, args.seed), prior=study.prior,
+                            calibration_trace=study.trace, honesty=study.honesty, seed=args.seed,
+                            power_of_k=args.power_of_k, progress=tick)
+        bar.update(args.requests - bar.n)
+    rec = result.records
+    per_instance = rec.groupby("instance").agg(requests=("request_id", "count"),
+                                               p50_ttft_s=("ttft", "median"),
+                                               p99_ttft_s=("ttft", lambda s: s.quantile(0.99)),
+                                               p50_e2e_s=("e2e", "median"), preemptions=("preemptions", "sum"))
+    print(per_instance.round(3).to_string())
+    s = result.summary
+    rows = [(m, s[f"mean_{m}"], s[f"p50_{m}"], s[f"p90_{m}"], s[f"p99_{m}"]) for m in ("ttft", "tpot", "e2e",
+                                                                                      "queueing")]
+    table = pd.DataFrame(rows, columns=["metric (s)", "mean", "p50", "p90", "p99"]).set_index("metric (s)")
+    print(table.round(4).to_string())
+    print(f"completed {s['completed']} requests in {s['duration_s']:.1f} simulated s: "
+          f"{s['request_throughput']:.2f} req/s, {s['output_throughput']:.0f} output tok/s, "
+          f"{s['preemptions']} preemptions")
+    _write(rec, args.csv)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    study = _study(args)
+    policies = args.policies.split(",")
+    total = len(policies) * len(args.qps) * len(args.seeds)
+    with tqdm(total=total, desc="compare", disable=not sys.stderr.isatty()) as bar:
+        df = compare(study, policies, args.qps, args.seeds, progress=lambda _: bar.update(1))
+    agg = df.groupby(["qps", "policy"], sort=False)[["p50_ttft", "p99_ttft", "p50_e2e", "p99_e2e"]].mean()
+    print(agg.round(3).to_string())
+    _write(df, args.csv)
+    return 0
+
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    study = _study(args)
+    policies = args.policies.split(",")
+    with tqdm(total=len(policies) * len(args.slo), desc="capacity", disable=not sys.stderr.isatty()) as bar:
+        df = capacity_table(study, policies, args.slo, args.seeds, args.lo, args.hi,
+                            progress=lambda _: bar.update(1))
+    print(df.drop(columns=["per_seed"]).round(3).to_string(index=False))
+    _write(df, args.csv)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="block", description="Block Workbench: predictive LLM load balancing")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="simulate one policy on a cluster and print a summary")
+    _add_cluster_args(p)
+    p.add_argument("--policy", default="block", help=f"one of {', '.join(POLICIES)} (suffix @k for power-of-k)")
+    p.add_argument("--qps", type=float, default=6.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", help="write per-request records here")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("compare", help="policies x QPS x seeds: P50/P99 TTFT and E2E")
+    _add_cluster_args(p)
+    p.add_argument("--policies", default=",".join([*HEURISTICS, "block", "block_ttft"]))
+    p.add_argument("--qps", type=_floats, default=[4.0, 6.0, 8.0])
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    p.add_argument("--csv")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("capacity", help="highest QPS meeting a P99 TTFT SLO, per policy")
+    _add_cluster_args(p)
+    p.add_argument("--policies", default=",".join([*HEURISTICS, "block", "block_ttft"]))
+    p.add_argument("--slo", type=_floats, default=[3.0, 10.0], help="P99 TTFT SLOs in seconds")
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    p.add_argument("--lo", type=float, default=1.0)
+    p.add_argument("--hi", type=float, default=64.0)
+    p.add_argument("--csv")
+    p.set_defaults(func=cmd_capacity)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"block {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import simulator.engine as engine_module
+from simulator.engine import Engine, EngineConfig, InstanceState, RequestState
+from simulator.hardware import get_gpu, get_model
+from simulator.timing import Roofline
+from simulator.workload import Request
+
+TIMING = Roofline(get_gpu("A30"), get_model("Llama-2-7B"))
+
+
+def run(requests, config, *, fast, noise=0.0, seed=0):
+    eng = Engine(config, TIMING, fast_path=fast, noise=noise, seed=seed)
+    for r in requests:
+        eng.advance(r.arrival)
+        eng.add_request(r)
+    eng.advance()
+    return eng
+
+
+def random_workload(seed, n):
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        t += rng.expovariate(rng.choice([2.0, 8.0, 30.0]))
+        out.append(Request(i, t, rng.randint(1, 700), rng.randint(1, 400)))
+    return out
+
+
+def random_config(seed):
+    rng = random.Random(seed)
+    chunked = rng.random() < 0.75
+    budget = rng.choice([64, 256, 512, 2048])
+    return EngineConfig(num_blocks=rng.choice([70, 150, 400, 2000]), max_num_seqs=rng.choice([2, 8, 32, 48]),
+                        max_num_batched_tokens=max(budget, 48), chunked_prefill=chunked,
+                        max_model_len=4096 if chunked else max(budget, 48))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**9), n=st.integers(1, 120))
+def test_fast_path_gives_the_same_timestamps_as_stepping(seed, n):
+    config = random_config(seed)
+    reqs = [r for r in random_workload(seed, n) if r.prompt_tokens + r.output_tokens <= config.max_model_len
+            and -(-(r.prompt_tokens + r.output_tokens) // 16) <= config.num_blocks - config.watermark_blocks]
+    fast, slow = run(reqs, config, fast=True), run(reqs, config, fast=False)
+    a = {s.id: (s.first_token, s.finish_time, s.preemptions) for s in fast.finished}
+    b = {s.id: (s.first_token, s.finish_time, s.preemptions) for s in slow.finished}
+    assert a.keys() == b.keys() == {r.id for r in reqs}
+    for k in a:
+        assert a[k][0] == pytest.approx(b[k][0], rel=1e-9, abs=1e-9)
+        assert a[k][1] == pytest.approx(b[k][1], rel=1e-9, abs=1e-9)
+        assert a[k][2] == b[k][2]
+    assert fast.steps == slow.steps
+    assert fast.total_preemptions == slow.total_preemptions
+
+
+def test_lone_request_latency_is_the_sum_of_its_step_times():
+    cfg = EngineConfig(num_blocks=1000, max_num_seqs=8, max_num_batched_tokens=512)
+    eng = run([Request(0, 1.0, 1200, 50)], cfg, fast=True)
+    s = eng.finished[0]
+    prefill = [TIMING.step_time([(512, 0)], 0, 0), TIMING.step_time([(512, 512)], 0, 0),
+               TIMING.step_time([(176, 1024)], 0, 0)]
+    decode = [TIMING.step_time([], 1, 1200 + j + 1) for j in range(49)]
+    assert s.first_token - s.arrival == pytest.approx(sum(prefill), rel=1e-12)
+    assert s.finish_time - s.arrival == pytest.approx(sum(prefill) + sum(decode), rel=1e-9)
+
+
+def test_memory_pressure_preempts_the_most_recent_request_and_everything_finishes():
+    cfg = EngineConfig(num_blocks=40, max_num_seqs=8, max_num_batched_tokens=256)
+    reqs = [Request(i, 0.0, 100, 200) for i in range(6)]
+    eng = run(reqs, cfg, fast=True)
+    assert len(eng.finished) == 6
+    assert eng.total_preemptions > 0
+    by_id = {s.id: s for s in eng.finished}
+    assert by_id[0].preemptions == 0  # the oldest request is never the victim
+    assert max(s.preemptions for s in eng.finished) > 0
+    assert eng.free_blocks == cfg.num_blocks
+
+
+def test_batch_cap_and_fcfs_order():
+    cfg = EngineConfig(num_blocks=1000, max_num_seqs=2, max_num_batched_tokens=512)
+    eng = run([Request(i, 0.0, 50, 20) for i in range(5)], cfg, fast=True)
+    firsts = [s.first_token for s in sorted(eng.finished, key=lambda s: s.id)]
+    assert firsts == sorted(firsts)
+    assert firsts[2] > firsts[1]  # the third waited for a seat
+
+
+def test_snapshot_restore_round_trips_exactly():
+    cfg = EngineConfig(num_blocks=120, max_num_seqs=16, max_num_batched_tokens=256)
+    reqs = random_workload(7, 60)
+    eng = Engine(cfg, TIMING)
+    for r in reqs[:40]:
+        eng.advance(r.arrival)
+        eng.add_request(r)
+    state = eng.snapshot()
+    state.validate()
+    finished_before = {s.id for s in eng.finished}
+    again = InstanceState.from_json(state.to_json())
+    assert again == state
+    targets = {s.id: s.target for s in [*eng.running.values(), *eng.waiting]}
+    clone = Engine.restore(again, TIMING, targets)
+    assert clone.snapshot() == state
+    for e in (eng, clone):
+        for r in reqs[40:]:
+            e.advance(r.arrival)
+            e.add_request(r)
+        e.advance()
+    original = {s.id: s.finish_time for s in eng.finished if s.id not in finished_before}
+    cloned = {s.id: s.finish_time for s in clone.finished}
+    assert cloned.keys() == original.keys() == {r.id for r in reqs} - finished_before
+    for k, t in original.items():
+        assert cloned[k] == pytest.approx(t, rel=1e-12)
+
+
+def test_bad_requests_and_configs_are_clear_errors():
+    cfg = EngineConfig(num_blocks=10, max_model_len=4096)
+    eng = Engine(cfg, TIMING)
+    with pytest.raises(ValueError, match="exceed the model context"):
+        eng.add_request(Request(0, 0.0, 4000, 200))
+    with pytest.raises(ValueError, match="can never run"):
+        eng.add_request(Request(1, 0.0, 300, 10))
+    with pytest.raises(ValueError, match="at least 1 token"):
+        Request(2, 0.0, 10, -3)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        EngineConfig(num_blocks=10, max_num_seqs=256, max_num_batched_tokens=128)
+    with pytest.raises(ValueError, match="num_blocks"):
+        EngineConfig(num_blocks=0)
+
+
+def test_invalid_instance_states_are_rejected():
+    cfg = EngineConfig(num_blocks=4)
+    too_many = InstanceState(cfg, 0.0, [RequestState(1, 0.0, 100, 100, 1, "running", 7)])
+    with pytest.raises(ValueError, match="blocks allocated"):
+        too_many.validate()
+    negative = InstanceState(cfg, 0.0, [RequestState(1, 0.0, 10, -1, 0, "running", 0)])
+    with pytest.raises(ValueError, match="negative"):
+        negative.validate()
+    with pytest.raises(ValueError, match="not an InstanceState"):
+        InstanceState.from_dict({"clock": 0})
+    with pytest.raises(ValueError, match="phase"):
+        InstanceState(cfg, 0.0, [RequestState(1, 0.0, 10, 0, 0, "done", 0)]).validate()
+
+
+def test_noise_is_seeded_and_averages_out():
+    cfg = EngineConfig(num_blocks=2000, max_num_seqs=32, max_num_batched_tokens=512)
+    reqs = random_workload(3, 80)
+    clean = run(reqs, cfg, fast=True)
+    a = run(reqs, cfg, fast=True, noise=0.1, seed=5)
+    b = run(reqs, cfg, fast=True, noise=0.1, seed=5)
+    assert [s.finish_time for s in a.finished] == [s.finish_time for s in b.finished]
+    ratio = sum(s.finish_time - s.arrival for s in a.finished) / sum(s.finish_time - s.arrival for s in clean.finished)
+    assert 0.95 < ratio < 1.05
+
+
+def test_compiled_core_is_not_older_than_its_source():
+    """A stale mypyc build would silently run old code; `make` rebuilds when sources change."""
+    compiled = Path(engine_module.__file__)
+    if compiled.suffix != ".so":
+        pytest.skip("simulator core runs as plain Python here")
+    source = compiled.with_name("engine.py")
+    assert os.path.getmtime(compiled) >= os.path.getmtime(source), "run `make` to rebuild the core"

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+
+from simulator.workload import (
+    gamma_arrivals,
+    load_named_trace,
+    poisson_arrivals,
+    read_azure_csv,
+    read_mooncake_jsonl,
+    read_splitwise_csv,
+    read_trace,
+    synthetic_lengths,
+)
+
+
+def test_splitwise_conv_trace_reads_and_scales(data_dir):
+    tr = load_named_trace("splitwise_conv")
+    assert len(tr) == 19366
+    assert 4.0 < tr.qps < 7.0  # ~5.5 req/s over an hour
+    fast = tr.scaled_to_qps(10)
+    assert fast.qps == pytest.approx(10, rel=1e-9)
+    assert np.all(np.diff(fast.arrivals) >= 0)
+
+
+def test_every_named_trace_reads(data_dir):
+    for name in ("splitwise_code", "arxiv", "azure_conv", "mooncake", "alpaca"):
+        tr = load_named_trace(name)
+        assert len(tr) > 500 and tr.prompt_tokens.min() >= 1 and tr.output_tokens.min() >= 1
+    assert load_named_trace("arxiv").arrivals is None
+    assert load_named_trace("azure_conv").arrivals[-1] == pytest.approx(3600, rel=0.05)
+
+
+def test_mooncake_is_long_and_clips_to_context(data_dir):
+    tr = load_named_trace("mooncake")
+    assert tr.prompt_tokens.mean() > 8000
+    clipped = tr.clipped(4096)
+    assert (clipped.prompt_tokens + clipped.output_tokens).max() <= 4096
+
+
+def test_bad_rows_name_file_and_line(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0.0,10,5\n1.0,abc,5\n")
+    with pytest.raises(ValueError, match=r"t.csv:3"):
+        read_splitwise_csv(p)
+    p.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0.0,10,5\n1.0,10,-5\n")
+    with pytest.raises(ValueError, match=r"t.csv:3: output must have at least 1 token"):
+        read_splitwise_csv(p)
+    p.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n")
+    with pytest.raises(ValueError, match="empty"):
+        read_splitwise_csv(p)
+    p.write_text("foo,bar\n1,2\n")
+    with pytest.raises(ValueError, match="unrecognised trace header"):
+        read_trace(p)
+    j = tmp_path / "m.jsonl"
+    j.write_text('{"timestamp": 0, "input_length": 5, "output_length": 3}\n{"timestamp": 1, "input_len\n')
+    with pytest.raises(ValueError, match=r"m.jsonl:2"):
+        read_mooncake_jsonl(j)
+    a = tmp_path / "a.csv"
+    a.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\nyesterday,1,1\n")
+    with pytest.raises(ValueError, match=r"a.csv:3"):
+        read_azure_csv(a)
+    with pytest.raises(FileNotFoundError):
+        read_trace(tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match="unknown trace"):
+        load_named_trace("nope")
+
+
+def test_azure_timestamps_become_seconds(tmp_path):
+    a = tmp_path / "a.csv"
+    a.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.5,374,44\n"
+                 "2023-11-16 18:15:48.0,396,109\n")
+    tr = read_azure_csv(a)
+    assert tr.arrivals.tolist() == pytest.approx([0.0, 1.5])
+
+
+def test_arrival_processes_have_the_asked_rate_and_burstiness():
+    rng = np.random.default_rng(0)
+    p = poisson_arrivals(20000, 8.0, rng)
+    assert (len(p) - 1) / p[-1] == pytest.approx(8.0, rel=0.03)
+    gaps = np.diff(gamma_arrivals(20000, 8.0, 3.0, rng))
+    assert gaps.std() / gaps.mean() == pytest.approx(3.0, rel=0.1)
+    with pytest.raises(ValueError, match="QPS"):
+        poisson_arrivals(10, 0.0, rng)
+
+
+def test_embedded_lengths_need_no_data():
+    tr = synthetic_lengths(5000, np.random.default_rng(0))
+    assert 280 < np.median(tr.output_tokens) < 350
+    reqs = tr.requests(poisson_arrivals(len(tr), 2.0, np.random.default_rng(1)))
+    assert len(reqs) == 5000
+    with pytest.raises(ValueError, match="no arrival times"):
+        tr.requests()
