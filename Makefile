@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(CORE)
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/block simulate --instances 4 --qps 6 --requests 2000 --policy least_requests
+	$(VENV)/bin/block simulate --preset demo --qps 14 --requests 3000 --policy block
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
