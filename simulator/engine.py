@@ -498,7 +498,7 @@ class Engine:
                 break
             if self.now >= limit:
                 break
-            self.advance_once()
+            self.advance_once(limit)
             if self.free_blocks < min_free:
                 min_free = self.free_blocks
         return min_free

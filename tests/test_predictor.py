@@ -1,0 +1,90 @@
+import math
+
+import pytest
+
+from block.predictor import LengthPrior, Predictor
+from simulator.engine import Engine, EngineConfig, InstanceState, RequestState
+from simulator.hardware import get_gpu, get_model
+from simulator.timing import Roofline
+from simulator.workload import Request
+
+TIMING = Roofline(get_gpu("A30"), get_model("Llama-2-7B"))
+CFG = EngineConfig(num_blocks=1052, max_num_seqs=48, max_num_batched_tokens=512)
+
+
+def test_prediction_on_an_empty_instance_equals_the_engine():
+    pred = Predictor(TIMING, LengthPrior([200] * 10))
+    p = pred.predict(InstanceState(CFG, 5.0), Request(1, 5.0, 300, 9999, predicted_output_tokens=200))
+    eng = Engine(CFG, TIMING)
+    eng.add_request(Request(1, 5.0, 300, 200))
+    eng.advance()
+    s = eng.finished[0]
+    assert p.ttft == pytest.approx(s.first_token - 5.0, rel=1e-12)
+    assert p.e2e == pytest.approx(s.finish_time - 5.0, rel=1e-12)
+    assert not p.horizon_hit and p.queueing == pytest.approx(0.0)
+
+
+def test_the_predictor_never_reads_true_lengths():
+    pred = Predictor(TIMING, LengthPrior([100] * 10))
+    short = pred.predict(InstanceState(CFG, 0.0), Request(1, 0.0, 100, 5))
+    long = pred.predict(InstanceState(CFG, 0.0), Request(1, 0.0, 100, 3000))
+    assert short.e2e == long.e2e  # both use the prior's 100 tokens
+
+
+def test_busier_instances_predict_later_first_tokens():
+    pred = Predictor(TIMING, LengthPrior.embedded())
+    idle = InstanceState(CFG, 0.0)
+    busy = InstanceState(CFG, 0.0, [RequestState(i, 0.0, 500, 0, 0, "waiting", 0) for i in range(60)])
+    cand = Request(99, 0.0, 200, 1)
+    assert pred.predict(busy, cand, target="ttft").ttft > 10 * pred.predict(idle, cand, target="ttft").ttft
+    ttft_only = pred.predict(busy, cand, target="ttft")
+    assert math.isnan(ttft_only.e2e)
+
+
+def test_requests_past_their_estimate_get_a_conditional_remainder():
+    prior = LengthPrior(list(range(1, 1001)))
+    assert prior.remaining(0) == pytest.approx(500, abs=2)
+    assert prior.remaining(900) == pytest.approx(50, abs=2)  # median of 901..1000, minus 900
+    assert prior.remaining(5000) >= 1
+    pred = Predictor(TIMING, prior)
+    state = InstanceState(CFG, 0.0, [RequestState(1, 0.0, 100, 100 + 399, 400, "running", 32,
+                                                  predicted_output_tokens=300)])
+    targets = pred._targets(state)
+    assert targets[1] > 400  # not "done now": it already outlived the estimate
+    with pytest.raises(ValueError, match="positive"):
+        LengthPrior([])
+
+
+def test_horizon_caps_the_work_and_says_so():
+    pred = Predictor(TIMING, LengthPrior([2000] * 5), horizon_s=1.0)
+    p = pred.predict(InstanceState(CFG, 0.0), Request(1, 0.0, 100, 1))
+    assert p.horizon_hit and p.e2e == pytest.approx(1.0, abs=0.2)
+
+
+def test_dispatched_but_invisible_requests_count():
+    pred = Predictor(TIMING, LengthPrior([300] * 5))
+    state = InstanceState(CFG, 0.0)
+    cand = Request(100, 0.0, 200, 1)
+    alone = pred.predict(state, cand)
+    behind = pred.predict(state, cand, extra=[Request(i, 0.0, 2000, 1) for i in range(3)])
+    assert behind.ttft > alone.ttft
+
+
+def test_added_delay_is_reported_when_asked():
+    pred = Predictor(TIMING, LengthPrior([300] * 5))
+    running = [RequestState(i, 0.0, 200, 200 + 9, 10, "running", 14) for i in range(20)]
+    p = pred.predict(InstanceState(CFG, 0.0, running), Request(100, 0.0, 1500, 1), with_impact=True)
+    assert p.added_delay > 0
+    assert math.isnan(pred.predict(InstanceState(CFG, 0.0), Request(100, 0.0, 10, 1)).added_delay)
+
+
+def test_unknown_target_is_rejected():
+    pred = Predictor(TIMING, LengthPrior([300]))
+    with pytest.raises(ValueError, match="unknown prediction target"):
+        pred.predict(InstanceState(CFG, 0.0), Request(1, 0.0, 10, 1), target="tpot")
+
+
+def test_state_age_is_reported():
+    pred = Predictor(TIMING, LengthPrior([300]))
+    p = pred.predict(InstanceState(CFG, 1.0), Request(1, 1.02, 10, 1), now=1.02)
+    assert p.state_age == pytest.approx(0.02)
