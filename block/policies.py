@@ -44,12 +44,20 @@ class LoadSignals:
             else:
                 waiting += 1
                 queued += -(-(r.prompt_tokens + r.generated_tokens) // bs)
+        base = cls(running, waiting, state.config.num_blocks - used, state.config.num_blocks, tokens, queued)
+        return base.plus(pending, prior, bs)
+
+    def plus(self, pending: Sequence[Request], prior: LengthPrior, block_size: int = 16) -> LoadSignals:
+        """These signals with requests dispatched here that the instance does not show yet."""
+        if not pending:
+            return self
+        tokens = queued = 0
         for r in pending:
-            waiting += 1
-            queued += -(-r.prompt_tokens // bs)
+            queued += -(-r.prompt_tokens // block_size)
             p = r.predicted_output_tokens
             tokens += r.prompt_tokens + (p if p is not None else prior.median)
-        return cls(running, waiting, state.config.num_blocks - used, state.config.num_blocks, tokens, queued)
+        return LoadSignals(self.running, self.waiting + len(pending), self.free_blocks, self.total_blocks,
+                           self.unfinished_tokens + tokens, self.queued_prefill_blocks + queued)
 
 
 class Candidate(Protocol):
@@ -66,6 +74,7 @@ class Policy:
     name = "policy"
     uses_predictions = False
     uses_length_estimates = False
+    prediction_target: str | None = None  # what a caller should prefetch predictions for
 
     def choose(self, request: Request, candidates: Sequence[Candidate]) -> str:
         raise NotImplementedError
@@ -154,6 +163,7 @@ class Block(Policy):
 
     def __init__(self, target: str = "e2e", use_length_estimates: bool = False, name: str = "block"):
         self.target = target
+        self.prediction_target = target
         self.uses_length_estimates = use_length_estimates
         self.name = name
         self._fallback = LeastRequests()
@@ -188,6 +198,7 @@ class PowerOfK(Policy):
         self.name = f"{inner.name}@{k}"
         self.uses_predictions = inner.uses_predictions
         self.uses_length_estimates = inner.uses_length_estimates
+        self.prediction_target = inner.prediction_target
         self._rng = random.Random(seed)
 
     def choose(self, request: Request, candidates: Sequence[Candidate]) -> str:

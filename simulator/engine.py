@@ -508,6 +508,25 @@ class Engine:
         while (self.running or self.waiting) and self.now < until:
             self.advance_once(until)
 
+    def generated_of(self, s: Seq) -> int:
+        """Tokens ``s`` has generated so far (decode requests are tracked lazily)."""
+        return s.offset + self.steps - s.prompt + 1 if s.in_decode else s.generated
+
+    def abort(self, s: Seq) -> bool:
+        """Drop a request (client went away), freeing its blocks. False if it was not here."""
+        if s in self.waiting:
+            self.waiting.remove(s)
+            return True
+        if self.running.get(s.id) is not s:
+            return False
+        if s.in_decode:
+            self._leave_decode(s)
+        else:
+            self.prefilling.remove(s)
+        del self.running[s.id]
+        self.free_blocks += self._blocks_of(s.computed)
+        return True
+
     # ---- state export / import -------------------------------------------------------------------
     def _materialise(self, s: Seq) -> tuple[int, int]:
         if s.in_decode:

@@ -8,6 +8,7 @@ calibrated timing model, and a prior over response lengths. It never reads true 
 from __future__ import annotations
 
 import bisect
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -65,6 +66,9 @@ class LengthPrior:
         q = (np.arange(2000) + 0.5) / 2000
         z = np.array([NormalDist().inv_cdf(x) for x in q])
         return cls(np.clip(np.exp(np.log(317) + 0.55 * z), 1, 4096).astype(np.int64), "embedded")
+
+    def sample(self, rng: random.Random) -> int:
+        return self._sorted[rng.randrange(len(self._sorted))]
 
     def remaining(self, generated: int) -> int:
         """Median further tokens of a request that has generated ``generated`` so far (>= 1)."""

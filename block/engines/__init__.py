@@ -1,0 +1,1 @@
+"""Engine adapters: the real-time emulator and vLLM."""

@@ -1,0 +1,270 @@
+"""An OpenAI-compatible engine whose token timing comes from ``simulator.engine`` stepping in real time.
+
+It stands in for vLLM on machines without a GPU: the same scheduler model the predictor uses decides
+when every token is produced, each iteration's duration comes from the world timing model (with noise),
+and ``time_scale`` > 1 runs the emulated GPU faster than real time so tests finish quickly. Responses,
+streaming chunks and ``/metrics`` names follow vLLM's, so any OpenAI client and the side-car work
+against it unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from block import openai_api as oa
+from block.predictor.core import LengthPrior
+from block.prometheus import Histogram, render
+from simulator.engine import Engine, EngineConfig, Seq
+from simulator.hardware import get_gpu, get_model, num_kv_blocks
+from simulator.timing import Roofline, TimingModel
+from simulator.workload import Request
+
+WORDS = ("the", " model", " emulates", " a", " GPU", " serving", " tokens", " at", " a", " steady", " pace", ".")
+
+
+@dataclass
+class _Stream:
+    seq: Seq
+    created: float
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    emitted: int = 0
+    done: bool = False
+
+
+class EmulatedEngine:
+    """Drives an Engine in real time and hands out tokens as iterations complete."""
+
+    def __init__(self, config: EngineConfig, timing: TimingModel, *, time_scale: float = 1.0, noise: float = 0.0,
+                 seed: int = 0, name: str = "emulator", lengths: LengthPrior | None = None):
+        if time_scale <= 0:
+            raise ValueError(f"time_scale must be > 0, got {time_scale}")
+        self.engine = Engine(config, timing, noise=noise, seed=seed, fast_path=False, name=name)
+        self.time_scale = time_scale
+        self.lengths = lengths or LengthPrior.embedded()
+        self._rng = random.Random(seed)
+        self._t0 = time.monotonic()
+        self._ids = itertools.count()
+        self._streams: dict[int, _Stream] = {}
+        self._wake = asyncio.Event()
+        self.ttft = Histogram()
+        self.e2e = Histogram()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.success_total = 0
+        self.aborted_total = 0
+
+    def sim_now(self) -> float:
+        return (time.monotonic() - self._t0) * self.time_scale
+
+    def natural_length(self) -> int:
+        """How long the 'model' wants to answer when EOS is not ignored: a draw from the length prior."""
+        return self.lengths.sample(self._rng)
+
+    def submit(self, prompt_tokens: int, output_tokens: int, predicted: int | None = None) -> _Stream:
+        rid = next(self._ids)
+        req = Request(rid, self.sim_now(), prompt_tokens, output_tokens, predicted)
+        seq = self.engine.add_request(req)
+        stream = _Stream(seq, time.monotonic())
+        self._streams[rid] = stream
+        self.prompt_tokens_total += prompt_tokens
+        self._wake.set()
+        return stream
+
+    def cancel(self, stream: _Stream) -> None:
+        if self._streams.pop(stream.seq.id, None) is not None and self.engine.abort(stream.seq):
+            self.aborted_total += 1
+
+    async def run(self) -> None:
+        eng = self.engine
+        while True:
+            if not (eng.running or eng.waiting):
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            eng.step()
+            delay = self._t0 + eng.now / self.time_scale - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._emit()
+
+    def _emit(self) -> None:
+        eng = self.engine
+        now = time.monotonic()
+        for rid, stream in list(self._streams.items()):
+            seq = stream.seq
+            g = eng.generated_of(seq)
+            if g > stream.emitted:
+                if stream.emitted == 0:
+                    self.ttft.observe(now - stream.created)
+                stream.queue.put_nowait(g - stream.emitted)
+                self.generation_tokens_total += g - stream.emitted
+                stream.emitted = g
+            if seq.finish_time is not None:
+                stream.done = True
+                stream.queue.put_nowait(None)
+                self.e2e.observe(now - stream.created)
+                self.success_total += 1
+                del self._streams[rid]
+        eng.finished.clear()
+
+    def metrics_text(self, model: str) -> str:
+        eng = self.engine
+        cfg = eng.config
+        labels = f'model_name="{model}"'
+        usage = 1.0 - eng.free_blocks / cfg.num_blocks
+        info = (f'block_size="{cfg.block_size}",num_gpu_blocks="{cfg.num_blocks}",'
+                f'max_num_seqs="{cfg.max_num_seqs}",max_num_batched_tokens="{cfg.max_num_batched_tokens}"')
+        return render([
+            ("vllm:num_requests_running", "gauge", "Requests in the running batch.", labels, len(eng.running)),
+            ("vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled.", labels, len(eng.waiting)),
+            ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage, 1 means full.", labels, usage),
+            ("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage (pre-V1 name).", labels, usage),
+            ("vllm:num_preemptions_total", "counter", "Preemptions.", labels, eng.total_preemptions),
+            ("vllm:prompt_tokens_total", "counter", "Prefill tokens.", labels, self.prompt_tokens_total),
+            ("vllm:generation_tokens_total", "counter", "Generated tokens.", labels, self.generation_tokens_total),
+            ("vllm:request_success_total", "counter", "Finished requests.", labels, self.success_total),
+            ("vllm:time_to_first_token_seconds", "histogram", "Time to first token.", labels, self.ttft),
+            ("vllm:e2e_request_latency_seconds", "histogram", "End-to-end latency.", labels, self.e2e),
+            ("vllm:cache_config_info", "gauge", "KV cache configuration.", info, 1),
+        ])
+
+
+def build_app(emu: EmulatedEngine, served_model: str) -> Starlette:
+    cfg = emu.engine.config
+    models = [served_model]
+
+    async def completions(request: HttpRequest, kind: str) -> Response:
+        try:
+            req = oa.parse_request(await request.body(), kind, models, cfg.max_model_len)
+        except oa.ApiError as err:
+            return Response(err.body(), status_code=err.status, media_type="application/json")
+        cap = req.max_tokens or (cfg.max_model_len - req.prompt_tokens)
+        wanted = cap if req.ignore_eos else min(cap, emu.natural_length())
+        finish = "length" if wanted >= cap else "stop"
+        header = request.headers.get("x-block-predicted-tokens")
+        predicted = int(header) if header and header.isdigit() else None
+        try:
+            stream = emu.submit(req.prompt_tokens, wanted, predicted)
+        except ValueError as exc:
+            return Response(oa.ApiError(400, str(exc)).body(), status_code=400, media_type="application/json")
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if not req.stream:
+            try:
+                pieces = []
+                while (k := await stream.queue.get()) is not None:
+                    pieces.extend(WORDS[(len(pieces) + j) % len(WORDS)] for j in range(k))
+            except asyncio.CancelledError:
+                emu.cancel(stream)
+                raise
+            return Response(orjson.dumps(oa.full_response(req, rid, "".join(pieces), finish, len(pieces))),
+                            media_type="application/json")
+
+        async def events():
+            n = 0
+            try:
+                while (k := await stream.queue.get()) is not None:
+                    for _ in range(k):
+                        yield oa.sse(oa.chunk(req, rid, created, WORDS[n % len(WORDS)], None, first=n == 0))
+                        n += 1
+                yield oa.sse(oa.chunk(req, rid, created, "", finish))
+                if req.include_usage:
+                    yield oa.sse({"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                                  "created": created, "model": req.model, "choices": [],
+                                  "usage": oa.usage(req.prompt_tokens, n)})
+                yield b"data: [DONE]\n\n"
+            finally:
+                if not stream.done:
+                    emu.cancel(stream)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def v1_completions(request: HttpRequest) -> Response:
+        return await completions(request, "completions")
+
+    async def v1_chat(request: HttpRequest) -> Response:
+        return await completions(request, "chat")
+
+    async def v1_models(request: HttpRequest) -> Response:
+        return JSONResponse(oa.models_response(models, cfg.max_model_len, "block-emulator"))
+
+    async def health(request: HttpRequest) -> Response:
+        return Response(status_code=200)
+
+    async def metrics(request: HttpRequest) -> Response:
+        return Response(emu.metrics_text(served_model), media_type="text/plain; version=0.0.4")
+
+    async def state(request: HttpRequest) -> Response:
+        snap = emu.engine.snapshot()
+        snap.clock = max(snap.clock, emu.sim_now())
+        return Response(orjson.dumps({"instance": emu.engine.name, "time_scale": emu.time_scale,
+                                      "state": dataclasses.asdict(snap)}), media_type="application/json")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(emu.run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return Starlette(routes=[
+        Route("/v1/completions", v1_completions, methods=["POST"]),
+        Route("/v1/chat/completions", v1_chat, methods=["POST"]),
+        Route("/v1/models", v1_models),
+        Route("/health", health),
+        Route("/metrics", metrics),
+        Route("/state", state),
+    ], lifespan=lifespan)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="Llama-2-7B", help="model spec (simulator.hardware)")
+    p.add_argument("--gpu", default="A30")
+    p.add_argument("--num-blocks", type=int, help="KV blocks (default: sized from GPU memory)")
+    p.add_argument("--max-num-seqs", type=int, default=48)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--time-scale", type=float, default=1.0, help="emulated GPU speed-up over real time")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    gpu, model = get_gpu(args.gpu), get_model(args.model)
+    return EngineConfig(num_blocks=args.num_blocks or num_kv_blocks(gpu, model), max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=model.max_context)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    p = argparse.ArgumentParser(description="Block engine emulator (OpenAI-compatible, vLLM metrics)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--name", default="emulator")
+    p.add_argument("--served-model-name", help="model id clients use (default: the --model spec name)")
+    p.add_argument("--noise", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    add_engine_args(p)
+    args = p.parse_args(argv)
+    config = engine_config_from_args(args)
+    timing = Roofline(get_gpu(args.gpu), get_model(args.model))
+    emu = EmulatedEngine(config, timing, time_scale=args.time_scale, noise=args.noise, seed=args.seed, name=args.name)
+    app = build_app(emu, args.served_model_name or args.model)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

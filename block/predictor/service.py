@@ -1,0 +1,384 @@
+"""The predictor side-car: a proxy in front of one engine that knows its live state and answers what-ifs.
+
+Every ``/v1/*`` request of the instance passes through here, so the side-car tracks each request's
+prompt and generated tokens without engine changes. It reconciles that view with the engine's
+``/metrics`` (how many are running, waiting, preempted; the KV cache size), turns it into an
+InstanceState, and answers ``POST /predict`` with the same Predictor the offline studies use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import time
+from dataclasses import asdict, dataclass
+
+import httpx
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect
+from starlette.requests import Request as HttpRequest
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from block import openai_api as oa
+from block.events import EventSink
+from block.policies import LoadSignals
+from block.predictor.core import TARGETS, LengthPrior, Predictor
+from block.prometheus import Histogram, parse_label, parse_metrics, render
+from simulator.engine import EngineConfig, InstanceState, RequestState
+from simulator.hardware import get_gpu, get_model
+from simulator.timing import Roofline
+from simulator.workload import Request
+
+PREDICTED_HEADER = "x-block-predicted-tokens"
+
+
+@dataclass
+class Tracked:
+    id: int
+    arrival: float  # instance clock (emulated seconds)
+    prompt_tokens: int
+    predicted: int | None
+    generated: int = 0
+    first_token: float | None = None
+
+
+class InstanceTracker:
+    """The side-car's picture of its instance, from proxied traffic plus engine metrics."""
+
+    def __init__(self, config: EngineConfig, time_scale: float = 1.0):
+        self.config = config
+        self.time_scale = time_scale
+        self._t0 = time.monotonic()
+        self._ids = itertools.count()
+        self.requests: dict[int, Tracked] = {}
+        self.engine_running: int | None = None
+        self.engine_waiting: int | None = None
+        self.engine_preemptions = 0
+        self.kv_usage: float | None = None
+        self.metrics_at: float | None = None
+
+    def clock(self) -> float:
+        return (time.monotonic() - self._t0) * self.time_scale
+
+    def start(self, prompt_tokens: int, predicted: int | None) -> Tracked:
+        t = Tracked(next(self._ids), self.clock(), prompt_tokens, predicted)
+        self.requests[t.id] = t
+        return t
+
+    def token(self, t: Tracked, n: int = 1) -> None:
+        if t.first_token is None:
+            t.first_token = self.clock()
+        t.generated += n
+
+    def finish(self, t: Tracked) -> None:
+        self.requests.pop(t.id, None)
+
+    def reconcile(self, metrics: dict[str, float]) -> None:
+        self.engine_running = int(metrics.get("vllm:num_requests_running", 0))
+        self.engine_waiting = int(metrics.get("vllm:num_requests_waiting", 0))
+        self.engine_preemptions = int(metrics.get("vllm:num_preemptions_total", 0))
+        self.kv_usage = metrics.get("vllm:kv_cache_usage_perc", metrics.get("vllm:gpu_cache_usage_perc"))
+        self.metrics_at = time.monotonic()
+
+    def state(self) -> InstanceState:
+        """Tracked requests as an InstanceState, phases corrected by the engine's own counts.
+
+        Requests that produced tokens are decoding, unless the engine reports more waiting requests than
+        we have silent ones: then the most recently admitted decoders were preempted (recompute). Silent
+        requests are prefilling up to the engine's running count, the rest are queued.
+        """
+        cfg = self.config
+        bs = cfg.block_size
+        decoding = [t for t in self.requests.values() if t.generated > 0]
+        silent = [t for t in self.requests.values() if t.generated == 0]
+        preempted: set[int] = set()
+        if self.engine_waiting is not None and self.engine_waiting > len(silent):
+            extra = self.engine_waiting - len(silent)
+            preempted = {t.id for t in sorted(decoding, key=lambda t: t.first_token or 0.0)[-extra:]}
+        n_running_decode = len(decoding) - len(preempted)
+        prefill_slots = len(silent)
+        if self.engine_running is not None:
+            prefill_slots = max(0, self.engine_running - n_running_decode)
+        out: list[RequestState] = []
+        used = running = 0
+        for t in decoding:
+            if t.id in preempted:
+                continue
+            computed = t.prompt_tokens + t.generated - 1
+            blocks = -(-computed // bs)
+            if used + blocks > cfg.num_blocks or running >= cfg.max_num_seqs:
+                preempted.add(t.id)
+                continue
+            used += blocks
+            running += 1
+            out.append(RequestState(t.id, t.arrival, t.prompt_tokens, computed, t.generated, "running", blocks,
+                                    t.predicted, t.first_token))
+        waiting: list[RequestState] = [
+            RequestState(t.id, t.arrival, t.prompt_tokens, 0, t.generated, "preempted", 0, t.predicted, t.first_token)
+            for t in decoding if t.id in preempted]
+        for i, t in enumerate(silent):
+            phase = "running" if i < prefill_slots and running < cfg.max_num_seqs else "waiting"
+            running += phase == "running"
+            (out if phase == "running" else waiting).append(
+                RequestState(t.id, t.arrival, t.prompt_tokens, 0, 0, phase, 0, t.predicted))
+        return InstanceState(cfg, self.clock(), out + waiting, self.engine_preemptions)
+
+
+class _Count:
+    """Counts tokens in an SSE byte stream without holding more than one partial event.
+
+    Byte checks instead of JSON parsing keep the per-token cost of the proxy small: an event carries a
+    token unless its text is empty (final chunk) or it has no choices (the usage chunk).
+    """
+
+    _EMPTY = (b'"text":""', b'"content":""', b'"choices":[]', b'"delta":{}')
+
+    def __init__(self) -> None:
+        self.buffer = b""
+
+    def feed(self, data: bytes) -> int:
+        self.buffer += data
+        if b"\n\n" not in self.buffer:
+            return 0
+        *events, self.buffer = self.buffer.split(b"\n\n")
+        tokens = 0
+        for event in events:
+            if event.startswith(b"data: {") and b'"error"' not in event[:20] and not any(
+                    marker in event for marker in self._EMPTY):
+                tokens += 1
+        return tokens
+
+
+class SideCar:
+    def __init__(self, name: str, engine_url: str, tracker: InstanceTracker, predictor: Predictor, *,
+                 sink: EventSink | None = None, metrics_interval: float = 0.25):
+        self.name = name
+        self.engine_url = engine_url.rstrip("/")
+        self.tracker = tracker
+        self.predictor = predictor
+        self.sink = sink or EventSink(None, "")
+        self.metrics_interval = metrics_interval
+        self.client: httpx.AsyncClient | None = None
+        self.engine_ok = False
+        self.engine_error = "not contacted yet"
+        self.predict_latency = Histogram()
+        self.proxied_total = 0
+        self.proxy_errors_total = 0
+
+    async def poll_engine(self) -> None:
+        assert self.client is not None
+        while True:
+            try:
+                resp = await self.client.get(self.engine_url + "/metrics", timeout=2.0)
+                resp.raise_for_status()
+                self.tracker.reconcile(parse_metrics(resp.text))
+                blocks = parse_label(resp.text, "vllm:cache_config_info", "num_gpu_blocks")
+                if blocks and blocks.isdigit() and int(blocks) != self.tracker.config.num_blocks:
+                    self.tracker.config = EngineConfig(**{**asdict(self.tracker.config), "num_blocks": int(blocks)})
+                self.engine_ok, self.engine_error = True, ""
+                t = self.tracker
+                self.sink.emit("instance_samples", {
+                    "ts": time.time(), "instance": self.name, "running": t.engine_running,
+                    "waiting": t.engine_waiting, "kv_usage": t.kv_usage, "preemptions": t.engine_preemptions,
+                    "tracked": len(t.requests)})
+            except (httpx.HTTPError, ValueError) as exc:
+                self.engine_ok, self.engine_error = False, f"engine {self.engine_url} unreachable: {exc!r}"
+            await asyncio.sleep(self.metrics_interval)
+
+    async def proxy(self, request: HttpRequest) -> Response:
+        assert self.client is not None
+        body = await request.body()
+        path = request.url.path
+        kind = "chat" if path.endswith("/chat/completions") else "completions"
+        try:
+            peek = orjson.loads(body)
+            model = peek.get("model") if isinstance(peek, dict) else None
+            parsed = oa.parse_request(body, kind, [model] if isinstance(model, str) else [], None)
+        except (orjson.JSONDecodeError, oa.ApiError):
+            parsed = None  # let the engine answer with its own error
+        header = request.headers.get(PREDICTED_HEADER)
+        predicted = int(header) if header and header.isdigit() else None
+        headers = {"content-type": "application/json"}
+        if header:
+            headers[PREDICTED_HEADER] = header
+        tracked = self.tracker.start(parsed.prompt_tokens, predicted) if parsed is not None else None
+        self.proxied_total += 1
+        upstream = self.client.build_request("POST", self.engine_url + path, content=body, headers=headers)
+        try:
+            resp = await self.client.send(upstream, stream=True)
+        except httpx.HTTPError as exc:
+            if tracked:
+                self.tracker.finish(tracked)
+            self.proxy_errors_total += 1
+            err = oa.ApiError(503, f"side-car {self.name}: engine {self.engine_url} unreachable: {exc!r}")
+            return Response(err.body(), status_code=503, media_type="application/json")
+        if parsed is None or not parsed.stream or resp.status_code != 200:
+            try:
+                data = await resp.aread()
+            finally:
+                await resp.aclose()
+                if tracked:
+                    self.tracker.finish(tracked)
+            return Response(data, status_code=resp.status_code, media_type=resp.headers.get("content-type"))
+        counter = _Count()
+
+        async def passthrough():
+            try:
+                async for data in resp.aiter_raw():
+                    n = counter.feed(data)
+                    if n and tracked:
+                        self.tracker.token(tracked, n)
+                    yield data
+            except httpx.HTTPError as exc:
+                self.proxy_errors_total += 1
+                yield oa.sse({"error": {"message": f"engine stream broke: {exc!r}", "type": "APIError",
+                                        "code": 502}})
+            finally:
+                await resp.aclose()
+                if tracked:
+                    self.tracker.finish(tracked)
+
+        return StreamingResponse(passthrough(), media_type="text/event-stream")
+
+    def predict(self, raw: bytes) -> dict:
+        t0 = time.perf_counter()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise oa.ApiError(400, f"predict body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise oa.ApiError(400, "predict body must be an object with 'candidates'")
+        target = body.get("target", "e2e")
+        if target not in TARGETS:
+            raise oa.ApiError(400, f"unknown target {target!r}; choose one of {TARGETS}", "target")
+        cands = body.get("candidates")
+        if not isinstance(cands, list) or not cands:
+            raise oa.ApiError(400, "'candidates' must be a non-empty list", "candidates")
+        state = self.tracker.state()
+        max_len = state.config.max_model_len
+        requests = []
+        for i, c in enumerate(cands):
+            p = c.get("prompt_tokens") if isinstance(c, dict) else None
+            if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p < max_len:
+                raise oa.ApiError(400, f"candidates[{i}].prompt_tokens must be an integer in [1, {max_len}), "
+                                       f"got {p!r}", "candidates")
+            est = c.get("predicted_output_tokens")
+            if est is not None and (isinstance(est, bool) or not isinstance(est, int) or est < 1):
+                raise oa.ApiError(400, f"candidates[{i}].predicted_output_tokens must be a positive integer",
+                                  "candidates")
+            requests.append(Request(-1 - i, state.clock, p, 1, est))
+        scale = self.tracker.time_scale
+        preds = []
+        for r in requests:
+            p = self.predictor.predict(state, r, target=target, instance=self.name)
+            d = p.to_dict()
+            for key in ("ttft", "e2e", "queueing", "added_delay", "state_age"):
+                d[key] = d[key] / scale
+            preds.append(d)
+        signals = LoadSignals.from_state(state, self.predictor.prior)
+        self.predict_latency.observe(time.perf_counter() - t0)
+        return {"instance": self.name, "predictions": preds, "signals": asdict(signals),
+                "engine_ok": self.engine_ok}
+
+    def state_json(self) -> dict:
+        state = self.tracker.state()
+        t = self.tracker
+        return {"instance": self.name, "time_scale": t.time_scale, "state": asdict(state),
+                "signals": asdict(LoadSignals.from_state(state, self.predictor.prior)),
+                "engine": {"running": t.engine_running, "waiting": t.engine_waiting, "kv_usage": t.kv_usage,
+                           "preemptions": t.engine_preemptions, "ok": self.engine_ok, "error": self.engine_error}}
+
+    def metrics_text(self) -> str:
+        labels = f'instance="{self.name}"'
+        state = self.tracker.state()
+        running = sum(r.phase == "running" for r in state.requests)
+        return render([
+            ("block:sidecar_tracked_running", "gauge", "Requests the side-car sees running.", labels, running),
+            ("block:sidecar_tracked_waiting", "gauge", "Requests the side-car sees waiting.", labels,
+             len(state.requests) - running),
+            ("block:sidecar_proxied_total", "counter", "Requests proxied to the engine.", labels, self.proxied_total),
+            ("block:sidecar_proxy_errors_total", "counter", "Proxy failures.", labels, self.proxy_errors_total),
+            ("block:sidecar_predict_seconds", "histogram", "Time to answer /predict.", labels, self.predict_latency),
+        ])
+
+
+def build_app(car: SideCar) -> Starlette:
+    async def predict(request: HttpRequest) -> Response:
+        try:
+            return Response(orjson.dumps(car.predict(await request.body())), media_type="application/json")
+        except ClientDisconnect:  # the scheduler's budget ran out; nobody is waiting for the answer
+            return Response(status_code=499)
+        except oa.ApiError as err:
+            return Response(err.body(), status_code=err.status, media_type="application/json")
+
+    async def state(request: HttpRequest) -> Response:
+        return Response(orjson.dumps(car.state_json()), media_type="application/json")
+
+    async def health(request: HttpRequest) -> Response:
+        if car.engine_ok:
+            return Response(status_code=200)
+        return Response(orjson.dumps({"error": car.engine_error}), status_code=503, media_type="application/json")
+
+    async def metrics(request: HttpRequest) -> Response:
+        return Response(car.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    async def models(request: HttpRequest) -> Response:
+        assert car.client is not None
+        try:
+            resp = await car.client.get(car.engine_url + "/v1/models", timeout=5.0)
+        except httpx.HTTPError as exc:
+            return Response(oa.ApiError(503, f"engine unreachable: {exc!r}").body(), status_code=503,
+                            media_type="application/json")
+        return Response(resp.content, status_code=resp.status_code, media_type="application/json")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+        car.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=2.0), limits=limits)
+        await car.sink.start()
+        task = asyncio.create_task(car.poll_engine())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await car.sink.stop()
+        await car.client.aclose()
+
+    return Starlette(routes=[
+        Route("/v1/completions", car.proxy, methods=["POST"]),
+        Route("/v1/chat/completions", car.proxy, methods=["POST"]),
+        Route("/v1/models", models),
+        Route("/predict", predict, methods=["POST"]),
+        Route("/state", state),
+        Route("/health", health),
+        Route("/metrics", metrics),
+    ], lifespan=lifespan)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    from block.engines.emulator import add_engine_args, engine_config_from_args
+
+    p = argparse.ArgumentParser(description="Block predictor side-car for one engine")
+    p.add_argument("--engine-url", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8200)
+    p.add_argument("--name", default="instance-0")
+    p.add_argument("--collector-url")
+    p.add_argument("--run-id", default="live")
+    add_engine_args(p)
+    args = p.parse_args(argv)
+    config = engine_config_from_args(args)
+    tracker = InstanceTracker(config, args.time_scale)
+    predictor = Predictor(Roofline(get_gpu(args.gpu), get_model(args.model)), LengthPrior.embedded())
+    car = SideCar(args.name, args.engine_url, tracker, predictor, sink=EventSink(args.collector_url, args.run_id))
+    uvicorn.run(build_app(car), host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The global scheduler service (see ``app``)."""

@@ -1,0 +1,1 @@
+"""The workspace database: schema, the single writer (collector) and read helpers."""

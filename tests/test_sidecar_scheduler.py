@@ -1,0 +1,166 @@
+"""The live chain in one process: emulators, side-cars, scheduler and collector on loopback."""
+
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from block.engines.emulator import EmulatedEngine
+from block.engines.emulator import build_app as emulator_app
+from block.events import EventSink
+from block.predictor import LengthPrior, Predictor
+from block.predictor.service import InstanceTracker, SideCar
+from block.predictor.service import build_app as sidecar_app
+from block.scheduler.app import Scheduler
+from block.scheduler.app import build_app as scheduler_app
+from simulator.engine import EngineConfig
+from simulator.hardware import get_gpu, get_model
+from simulator.timing import Roofline
+from store.collector import Store
+from store.collector import build_app as collector_app
+from store.read import Reader
+from tests.servers import serve
+
+CFG = EngineConfig(num_blocks=1052, max_num_seqs=48, max_num_batched_tokens=512)
+TIMING = Roofline(get_gpu("A30"), get_model("Llama-2-7B"))
+SCALE = 20.0
+TOKEN = "s3cret"
+
+
+@contextlib.contextmanager
+def instance(name, collector=None):
+    emu = EmulatedEngine(CFG, TIMING, time_scale=SCALE, name=name)
+    with serve(emulator_app(emu, "llama")) as engine_url:
+        car = SideCar(name, engine_url, InstanceTracker(CFG, SCALE), Predictor(TIMING, LengthPrior.embedded()),
+                      sink=EventSink(collector, "t"), metrics_interval=0.05)
+        with serve(sidecar_app(car)) as car_url:
+            yield emu, car, car_url
+
+
+@contextlib.contextmanager
+def cluster(tmp_path, n=2, policy="block", budget_s=0.5):
+    with contextlib.ExitStack() as stack:
+        store = Store(tmp_path / "ws.duckdb")
+        collector = stack.enter_context(serve(collector_app(store)))
+        insts = [stack.enter_context(instance(f"i{k}", collector)) for k in range(n)]
+        sched = Scheduler({f"i{k}": insts[k][2] for k in range(n)}, policy, ["llama"], 4096,
+                          predict_budget_s=budget_s, admin_token=TOKEN, sink=EventSink(collector, "t"),
+                          poll_interval=0.05)
+        url = stack.enter_context(serve(scheduler_app(sched)))
+        yield sched, url, insts, collector
+
+
+def complete(url, max_tokens=8, stream=True, rid=None):
+    body = {"model": "llama", "prompt": "hello " * 20, "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": stream}
+    headers = {"x-request-id": rid} if rid else {}
+    r = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=30)
+    return r
+
+
+def test_sidecar_tracks_its_engine_and_predicts():
+    with instance("a") as (emu, car, url):
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(complete, url, 300) for _ in range(6)]
+            time.sleep(0.3)
+            state = httpx.get(url + "/state").json()
+            running = sum(r["phase"] == "running" for r in state["state"]["requests"])
+            assert running == emu.engine.num_running == 6
+            pred = httpx.post(url + "/predict", json={"candidates": [{"prompt_tokens": 100}]}).json()
+            p = pred["predictions"][0]
+            assert 0 < p["ttft"] < p["e2e"] and pred["signals"]["running"] == 6
+            assert all(f.result().status_code == 200 for f in futures)
+        assert httpx.get(url + "/state").json()["state"]["requests"] == []
+        bad = httpx.post(url + "/predict", json={"candidates": [{"prompt_tokens": -3}]})
+        assert bad.status_code == 400 and "prompt_tokens" in bad.json()["error"]["message"]
+        assert httpx.post(url + "/predict", content=b"[").status_code == 400
+
+
+def test_sidecar_reports_a_dead_engine():
+    car = SideCar("x", "http://127.0.0.1:9", InstanceTracker(CFG), Predictor(TIMING, LengthPrior.embedded()),
+                  metrics_interval=0.05)
+    with serve(sidecar_app(car)) as url:
+        time.sleep(0.3)
+        r = httpx.get(url + "/health")
+        assert r.status_code == 503 and "unreachable" in r.json()["error"]
+        r = complete(url)
+        assert r.status_code == 503 and "unreachable" in r.json()["error"]["message"]
+
+
+def test_scheduler_routes_streams_and_records_every_request_once(tmp_path):
+    with cluster(tmp_path) as (sched, url, insts, collector):
+        client = OpenAI(base_url=url + "/v1", api_key="unused")
+        out = client.completions.create(model="llama", prompt="hi", max_tokens=5, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 5
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(lambda i: complete(url, 20, rid=f"r{i}"), range(30)))
+        assert all(r.status_code == 200 and r.text.endswith("data: [DONE]\n\n") for r in results)
+        assert {r.headers["x-block-instance"] for r in results} == {"i0", "i1"}
+        time.sleep(0.6)
+        reader = Reader(collector_url=collector)
+        rows = reader.sql("SELECT request_id, count(*) AS n FROM requests WHERE source='scheduler' GROUP BY 1")
+        assert len(rows) == 31 and rows["n"].max() == 1
+        decisions = reader.sql("SELECT * FROM decisions")
+        assert len(decisions) == 31 and decisions["predicted_e2e"].notna().all()
+        assert len(reader.sql("SELECT * FROM instance_samples")) > 0
+
+
+def test_front_door_rejects_bad_input_with_reasons(tmp_path):
+    with cluster(tmp_path, n=1, policy="least_requests") as (sched, url, insts, collector):
+        def err(body=None, raw=None, path="/v1/completions"):
+            r = httpx.post(url + path, content=raw, json=body, timeout=10)
+            return r.status_code, r.json()["error"]["message"]
+
+        assert err(raw=b'{"model": ')[0] == 400
+        assert err({"model": "nope", "prompt": "a"}) == (404, "The model `nope` does not exist. Served models: llama")
+        assert err({"model": "llama"})[1] == "'prompt' is required"
+        assert err({"model": "llama", "prompt": "a", "max_tokens": -1})[0] == 400
+        assert "absurdly large" in err({"model": "llama", "prompt": "a", "max_tokens": 10**12})[1]
+        assert "messages" in err({"model": "llama", "messages": []}, path="/v1/chat/completions")[1]
+
+
+def test_admin_needs_the_token_and_manages_instances(tmp_path):
+    with cluster(tmp_path) as (sched, url, insts, collector):
+        assert httpx.get(url + "/admin/instances").status_code == 401
+        auth = {"authorization": f"Bearer {TOKEN}"}
+        listed = httpx.get(url + "/admin/instances", headers=auth).json()
+        assert [i["name"] for i in listed] == ["i0", "i1"]
+        httpx.post(url + "/admin/instances/i0/drain", headers=auth).raise_for_status()
+        assert {complete(url).headers["x-block-instance"] for _ in range(4)} == {"i1"}
+        assert httpx.post(url + "/admin/instances/zz/drain", headers=auth).status_code == 404
+        httpx.delete(url + "/admin/instances/i0", headers=auth).raise_for_status()
+        with instance("i9") as (_, _, car_url):
+            r = httpx.post(url + "/admin/instances", json={"name": "i9", "url": car_url}, headers=auth)
+            assert r.status_code == 201
+            assert httpx.post(url + "/admin/instances", json={"name": "i9", "url": car_url},
+                              headers=auth).status_code == 409
+        bad = httpx.post(url + "/admin/policy", json={"policy": "magic"}, headers=auth)
+        assert bad.status_code == 400 and "valid policies" in bad.json()["error"]["message"]
+
+
+def test_predictor_missing_its_budget_falls_back_to_live_signals(tmp_path):
+    with cluster(tmp_path, budget_s=1e-6) as (sched, url, insts, collector):
+        assert all(complete(url).status_code == 200 for _ in range(5))
+        assert sched.fallbacks_total == 5
+
+
+def test_dead_instance_before_first_token_is_retried_elsewhere(tmp_path):
+    with cluster(tmp_path, policy="round_robin") as (sched, url, insts, collector):
+        sched.instances["i0"].url = "http://127.0.0.1:9"  # its side-car vanished
+        sched.poll_interval = 3600  # keep the poller from noticing first
+        results = [complete(url) for _ in range(4)]
+        assert all(r.status_code == 200 for r in results)
+        assert sched.retries_total >= 1 and sched.instances["i0"].failures >= 1
+        assert sched.instances["i0"].status == "down"
+
+
+def test_no_instance_left_is_a_clear_503(tmp_path):
+    with cluster(tmp_path, n=1) as (sched, url, insts, collector):
+        sched.instances["i0"].status = "down"
+        sched.instances["i0"].reason = "engine gone"
+        sched.poll_interval = 3600
+        r = complete(url)
+        assert r.status_code == 503 and "engine gone" in r.json()["error"]["message"]

@@ -1,0 +1,1 @@
+"""What a notebook imports: clusters, load generation, experiments."""
