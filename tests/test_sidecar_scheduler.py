@@ -53,6 +53,15 @@ def cluster(tmp_path, n=2, policy="block", budget_s=0.5):
         yield sched, url, insts, collector
 
 
+def eventually(check, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def complete(url, max_tokens=8, stream=True, rid=None):
     body = {"model": "llama", "prompt": "hello " * 20, "max_tokens": max_tokens, "ignore_eos": True,
             "stream": stream}
@@ -64,8 +73,9 @@ def complete(url, max_tokens=8, stream=True, rid=None):
 def test_sidecar_tracks_its_engine_and_predicts():
     with instance("a") as (emu, car, url):
         with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(complete, url, 300) for _ in range(6)]
-            time.sleep(0.3)
+            futures = [pool.submit(complete, url, 1500) for _ in range(6)]
+            assert eventually(lambda: emu.engine.num_running == 6)
+            time.sleep(0.2)  # one metrics poll
             state = httpx.get(url + "/state").json()
             running = sum(r["phase"] == "running" for r in state["state"]["requests"])
             assert running == emu.engine.num_running == 6
@@ -73,7 +83,7 @@ def test_sidecar_tracks_its_engine_and_predicts():
             p = pred["predictions"][0]
             assert 0 < p["ttft"] < p["e2e"] and pred["signals"]["running"] == 6
             assert all(f.result().status_code == 200 for f in futures)
-        assert httpx.get(url + "/state").json()["state"]["requests"] == []
+        assert eventually(lambda: httpx.get(url + "/state").json()["state"]["requests"] == [])
         bad = httpx.post(url + "/predict", json={"candidates": [{"prompt_tokens": -3}]})
         assert bad.status_code == 400 and "prompt_tokens" in bad.json()["error"]["message"]
         assert httpx.post(url + "/predict", content=b"[").status_code == 400
