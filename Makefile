@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(CORE)
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/block simulate --preset demo --qps 14 --requests 3000 --policy block
+	$(VENV)/bin/block demo --workspace workspace/demo --qps 30 --requests 400 --max-output 512
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -1,15 +1,22 @@
-"""The ``block`` command line: offline simulation and studies (live-cluster commands join later)."""
+"""The ``block`` command line: offline simulation and studies, and the live local cluster."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from block.events import EventSink
 from block.offline import (
     PRESETS,
     ClusterSpec,
@@ -18,9 +25,15 @@ from block.offline import (
     capacity_table,
     compare,
     get_preset,
+    lengths_source,
+    poisson_workload,
     run_policy,
+    trace_workload,
 )
 from block.policies import HEURISTICS, POLICIES
+from workbench.loadgen import run_load
+from workbench.loadgen import summarize as summarize_load
+from workbench.local import EngineFlags, LocalCluster
 
 
 def _floats(text: str) -> list[float]:
@@ -135,6 +148,94 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _live_workload(args: argparse.Namespace) -> list:
+    """Requests for a live run: embedded or named lengths, Poisson or the trace's own arrivals."""
+    trace, _ = lengths_source(args.lengths, args.seed)
+    if args.max_output:
+        trace = dataclasses.replace(trace, output_tokens=np.minimum(trace.output_tokens, args.max_output))
+    if args.replay:
+        return trace_workload(trace, args.requests, args.qps)
+    return poisson_workload(trace, args.requests, args.qps, args.seed)
+
+
+def _engine_flags(args: argparse.Namespace) -> EngineFlags:
+    return EngineFlags(gpu=args.gpu, model=args.model, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens, time_scale=args.time_scale)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    cluster = LocalCluster(Path(args.workspace), instances=args.instances, policy=args.policy,
+                           engine=_engine_flags(args))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster.start()
+    try:
+        print(f"scheduler  {cluster.scheduler_url}  (OpenAI API; admin token {cluster.admin_token})")
+        print(f"collector  {cluster.collector_url}  (DuckDB {Path(args.workspace) / 'block.duckdb'})")
+        for svc in cluster.services.values():
+            if svc.kind in ("engine", "sidecar"):
+                print(f"{svc.name:22} {svc.url}")
+        print("Ctrl-C stops the cluster", flush=True)
+        stop.wait()
+    finally:
+        cluster.stop()
+        print("stopped all services")
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    rows = [(k, v) for k, v in summary.items()]
+    print(pd.DataFrame(rows, columns=["metric", "value"]).to_string(index=False))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    requests = _live_workload(args)
+
+    async def go():
+        sink = EventSink(args.collector_url, args.run_id)
+        await sink.start()
+        try:
+            with tqdm(total=len(requests), desc="bench", unit="req", disable=not sys.stderr.isatty()) as bar:
+                return await run_load(args.url, requests, args.model, sink=sink, policy=args.label,
+                                      progress=lambda n: bar.update(n - bar.n))
+        finally:
+            await sink.stop()
+
+    _print_summary(summarize_load(asyncio.run(go())))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The live demo: a 4-instance local cluster, one trace replayed per policy, results from DuckDB."""
+    requests = _live_workload(args)
+    workspace = Path(args.workspace)
+    cluster = LocalCluster(workspace, instances=args.instances, policy=args.policies.split(",")[0],
+                           engine=_engine_flags(args))
+    print(f"starting {args.instances} emulated {args.gpu} instances ({args.model}, x{args.time_scale} speed), "
+          f"side-cars, scheduler and collector on 127.0.0.1 ...", flush=True)
+    with cluster:
+        for policy in args.policies.split(","):
+            cluster.set_policy(policy)
+
+            async def go(policy=policy):
+                sink = EventSink(cluster.collector_url, f"demo-{policy}")
+                await sink.start()
+                try:
+                    return await run_load(cluster.scheduler_url, requests, args.model, sink=sink, policy=policy)
+                finally:
+                    await sink.stop()
+
+            t0 = time.monotonic()
+            records = asyncio.run(go())
+            print(f"{policy:15} {len(records)} requests at {args.qps} QPS in {time.monotonic() - t0:.1f} s", flush=True)
+        time.sleep(0.5)
+        summary = cluster.reader().summary()
+    print(f"\nPer-policy results read back from {workspace / 'block.duckdb'} (client-side, milliseconds):")
+    print(summary.to_string(index=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="block", description="Block Workbench: predictive LLM load balancing")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +265,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hi", type=float, default=64.0)
     p.add_argument("--csv")
     p.set_defaults(func=cmd_capacity)
+
+    def live_args(p: argparse.ArgumentParser, qps: float, requests: int) -> None:
+        p.add_argument("--lengths", default="synthetic", help="synthetic (embedded), alpaca, or a trace name/path")
+        p.add_argument("--replay", action="store_true", help="replay the trace's arrivals, time-scaled to --qps")
+        p.add_argument("--qps", type=float, default=qps)
+        p.add_argument("--requests", type=int, default=requests)
+        p.add_argument("--max-output", type=int, help="clip response lengths (keeps live runs short)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--model", default="Llama-2-7B")
+
+    def engine_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--workspace", default="workspace", help="folder for the DuckDB file and service logs")
+        p.add_argument("--instances", type=int, default=4)
+        p.add_argument("--gpu", default="A30")
+        p.add_argument("--num-blocks", type=int, default=1052)
+        p.add_argument("--max-num-seqs", type=int, default=48)
+        p.add_argument("--max-num-batched-tokens", type=int, default=512)
+        p.add_argument("--time-scale", type=float, default=4.0, help="emulated GPUs run this much faster")
+
+    p = sub.add_parser("up", help="start a local emulated cluster (Ctrl-C stops it)")
+    engine_args(p)
+    p.add_argument("--model", default="Llama-2-7B")
+    p.add_argument("--policy", default="block")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("bench", help="open-loop load against an OpenAI-compatible URL")
+    p.add_argument("--url", required=True)
+    live_args(p, 4.0, 200)
+    p.add_argument("--collector-url")
+    p.add_argument("--run-id", default="bench")
+    p.add_argument("--label", help="policy label stored with the results")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="live demo: local cluster, one replay per policy, summary from DuckDB")
+    engine_args(p)
+    live_args(p, 10.0, 300)
+    p.add_argument("--policies", default="round_robin,least_requests,block")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -172,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
         print(f"block {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -5,7 +5,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 from openai import OpenAI
 
 from block.engines.emulator import EmulatedEngine
@@ -71,7 +70,7 @@ def complete(url, max_tokens=8, stream=True, rid=None):
 
 
 def test_sidecar_tracks_its_engine_and_predicts():
-    with instance("a") as (emu, car, url):
+    with instance("a") as (emu, _car, url):
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(complete, url, 1500) for _ in range(6)]
             assert eventually(lambda: emu.engine.num_running == 6)
@@ -101,7 +100,7 @@ def test_sidecar_reports_a_dead_engine():
 
 
 def test_scheduler_routes_streams_and_records_every_request_once(tmp_path):
-    with cluster(tmp_path) as (sched, url, insts, collector):
+    with cluster(tmp_path) as (_sched, url, _insts, collector):
         client = OpenAI(base_url=url + "/v1", api_key="unused")
         out = client.completions.create(model="llama", prompt="hi", max_tokens=5, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 5
@@ -119,7 +118,7 @@ def test_scheduler_routes_streams_and_records_every_request_once(tmp_path):
 
 
 def test_front_door_rejects_bad_input_with_reasons(tmp_path):
-    with cluster(tmp_path, n=1, policy="least_requests") as (sched, url, insts, collector):
+    with cluster(tmp_path, n=1, policy="least_requests") as (_sched, url, _insts, _collector):
         def err(body=None, raw=None, path="/v1/completions"):
             r = httpx.post(url + path, content=raw, json=body, timeout=10)
             return r.status_code, r.json()["error"]["message"]
@@ -133,7 +132,7 @@ def test_front_door_rejects_bad_input_with_reasons(tmp_path):
 
 
 def test_admin_needs_the_token_and_manages_instances(tmp_path):
-    with cluster(tmp_path) as (sched, url, insts, collector):
+    with cluster(tmp_path) as (_sched, url, _insts, _collector):
         assert httpx.get(url + "/admin/instances").status_code == 401
         auth = {"authorization": f"Bearer {TOKEN}"}
         listed = httpx.get(url + "/admin/instances", headers=auth).json()
@@ -152,13 +151,13 @@ def test_admin_needs_the_token_and_manages_instances(tmp_path):
 
 
 def test_predictor_missing_its_budget_falls_back_to_live_signals(tmp_path):
-    with cluster(tmp_path, budget_s=1e-6) as (sched, url, insts, collector):
+    with cluster(tmp_path, budget_s=1e-6) as (sched, url, _insts, _collector):
         assert all(complete(url).status_code == 200 for _ in range(5))
         assert sched.fallbacks_total == 5
 
 
 def test_dead_instance_before_first_token_is_retried_elsewhere(tmp_path):
-    with cluster(tmp_path, policy="round_robin") as (sched, url, insts, collector):
+    with cluster(tmp_path, policy="round_robin") as (sched, url, _insts, _collector):
         sched.instances["i0"].url = "http://127.0.0.1:9"  # its side-car vanished
         sched.poll_interval = 3600  # keep the poller from noticing first
         results = [complete(url) for _ in range(4)]
@@ -168,7 +167,7 @@ def test_dead_instance_before_first_token_is_retried_elsewhere(tmp_path):
 
 
 def test_no_instance_left_is_a_clear_503(tmp_path):
-    with cluster(tmp_path, n=1) as (sched, url, insts, collector):
+    with cluster(tmp_path, n=1) as (sched, url, _insts, _collector):
         sched.instances["i0"].status = "down"
         sched.instances["i0"].reason = "engine gone"
         sched.poll_interval = 3600
