@@ -219,7 +219,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             cluster.set_policy(policy)
 
             async def go(policy=policy):
-                sink = EventSink(cluster.collector_url, f"demo-{policy}")
+                sink = EventSink(cluster.collector_url, f"demo-{policy}-{cluster.run_id}")
                 await sink.start()
                 try:
                     return await run_load(cluster.scheduler_url, requests, args.model, sink=sink, policy=policy)
@@ -230,7 +230,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             records = asyncio.run(go())
             print(f"{policy:15} {len(records)} requests at {args.qps} QPS in {time.monotonic() - t0:.1f} s", flush=True)
         time.sleep(0.5)
-        summary = cluster.reader().summary()
+        summary = cluster.reader().summary(run_suffix=cluster.run_id)
     print(f"\nPer-policy results read back from {workspace / 'block.duckdb'} (client-side, milliseconds):")
     print(summary.to_string(index=False))
     return 0

@@ -37,7 +37,7 @@ class Reader:
         where = f"source = '{source}'" + (f" AND run_id = '{run_id}'" if run_id else "")
         return self.sql(f"SELECT * FROM requests WHERE {where} ORDER BY arrival_ts")
 
-    def summary(self, source: str = "client") -> pd.DataFrame:
+    def summary(self, source: str = "client", run_suffix: str = "") -> pd.DataFrame:
         """Per run: completed and failed requests and TTFT/E2E percentiles (milliseconds)."""
         return self.sql(f"""
             SELECT run_id, any_value(policy) AS policy,
@@ -48,4 +48,5 @@ class Reader:
                    round(1000 * median(e2e), 1) AS p50_e2e_ms,
                    round(1000 * quantile_cont(e2e, 0.99), 1) AS p99_e2e_ms,
                    round(1000 * median(tpot), 2) AS p50_tpot_ms
-            FROM requests WHERE source = '{source}' GROUP BY run_id ORDER BY min(arrival_ts)""")
+            FROM requests WHERE source = '{source}' AND run_id LIKE '%{run_suffix}'
+            GROUP BY run_id ORDER BY min(arrival_ts)""")

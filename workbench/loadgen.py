@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 import numpy as np
 import orjson
 
@@ -65,20 +65,20 @@ def prompt_of(tokens: int) -> str:
     return ("lore" * tokens)[: 4 * tokens]
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, req: Request, rec: ClientRecord) -> None:
+async def _one(client: aiohttp.ClientSession, url: str, model: str, req: Request, rec: ClientRecord) -> None:
     body = {"model": model, "prompt": prompt_of(req.prompt_tokens), "max_tokens": req.output_tokens,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     last = None
     try:
-        async with client.stream("POST", url, content=orjson.dumps(body),
-                                 headers={"content-type": "application/json", "x-request-id": rec.request_id}) as resp:
+        async with client.post(url, data=orjson.dumps(body),
+                               headers={"content-type": "application/json", "x-request-id": rec.request_id}) as resp:
             rec.instance = resp.headers.get("x-block-instance")
-            if resp.status_code != 200:
-                rec.status, rec.error = "error", f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}"
+            if resp.status != 200:
+                rec.status, rec.error = "error", f"HTTP {resp.status}: {(await resp.read())[:300]!r}"
                 rec.finish_ts = time.time()
                 return
             buf = b""
-            async for data in resp.aiter_bytes():
+            async for data in resp.content.iter_any():
                 buf += data
                 while b"\n\n" in buf:
                     event, buf = buf.split(b"\n\n", 1)
@@ -101,17 +101,18 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, req: Request, re
         rec.finish_ts = time.time()
         if rec.status == "pending":
             rec.status = "ok"
-    except httpx.HTTPError as exc:
+    except (aiohttp.ClientError, TimeoutError) as exc:
         rec.status, rec.error, rec.finish_ts = "error", f"{type(exc).__name__}: {exc}", time.time()
 
 
-async def run_load(base_url: str, requests: Sequence[Request], model: str, *, sink: EventSink | None = None,
-                   policy: str | None = None, progress: Callable[[int], None] | None = None,
-                   timeout_s: float = 600.0) -> list[ClientRecord]:
-    """Replay ``requests`` (arrival times in seconds from now) against an OpenAI-compatible server."""
-    url = base_url.rstrip("/") + "/v1/completions"
+async def run_load(base_url: str | Sequence[str], requests: Sequence[Request], model: str, *,
+                   sink: EventSink | None = None, policy: str | None = None,
+                   progress: Callable[[int], None] | None = None, timeout_s: float = 600.0) -> list[ClientRecord]:
+    """Replay ``requests`` (arrival times in seconds from now) against an OpenAI-compatible server, or
+    round-robin over several (to measure engines directly, without a router)."""
+    bases = [base_url] if isinstance(base_url, str) else list(base_url)
+    urls = [b.rstrip("/") + "/v1/completions" for b in bases]
     records: list[ClientRecord] = []
-    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=512)
     done = 0
 
     async def fire(req: Request, start: float) -> None:
@@ -121,14 +122,15 @@ async def run_load(base_url: str, requests: Sequence[Request], model: str, *, si
             await asyncio.sleep(delay)
         rec = ClientRecord(uuid.uuid4().hex, time.time(), req.prompt_tokens, req.output_tokens)
         records.append(rec)
-        await _one(client, url, model, req, rec)
+        await _one(client, urls[req.id % len(urls)], model, req, rec)
         if sink is not None:
             sink.emit("requests", rec.row(policy))
         done += 1
         if progress is not None:
             progress(done)
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0), limits=limits) as client:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=5.0)) as client:
         start = time.monotonic() + 0.05
         first = min((r.arrival for r in requests), default=0.0)
         await asyncio.gather(*(fire(Request(r.id, r.arrival - first, r.prompt_tokens, r.output_tokens), start)

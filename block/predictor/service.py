@@ -15,7 +15,7 @@ import itertools
 import time
 from dataclasses import asdict, dataclass
 
-import httpx
+import aiohttp
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect
@@ -162,7 +162,7 @@ class SideCar:
         self.predictor = predictor
         self.sink = sink or EventSink(None, "")
         self.metrics_interval = metrics_interval
-        self.client: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
         self.engine_ok = False
         self.engine_error = "not contacted yet"
         self.predict_latency = Histogram()
@@ -173,10 +173,12 @@ class SideCar:
         assert self.client is not None
         while True:
             try:
-                resp = await self.client.get(self.engine_url + "/metrics", timeout=2.0)
-                resp.raise_for_status()
-                self.tracker.reconcile(parse_metrics(resp.text))
-                blocks = parse_label(resp.text, "vllm:cache_config_info", "num_gpu_blocks")
+                async with self.client.get(self.engine_url + "/metrics",
+                                           timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
+                    resp.raise_for_status()
+                    text = await resp.text()
+                self.tracker.reconcile(parse_metrics(text))
+                blocks = parse_label(text, "vllm:cache_config_info", "num_gpu_blocks")
                 if blocks and blocks.isdigit() and int(blocks) != self.tracker.config.num_blocks:
                     self.tracker.config = EngineConfig(**{**asdict(self.tracker.config), "num_blocks": int(blocks)})
                 self.engine_ok, self.engine_error = True, ""
@@ -185,7 +187,7 @@ class SideCar:
                     "ts": time.time(), "instance": self.name, "running": t.engine_running,
                     "waiting": t.engine_waiting, "kv_usage": t.kv_usage, "preemptions": t.engine_preemptions,
                     "tracked": len(t.requests)})
-            except (httpx.HTTPError, ValueError) as exc:
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 self.engine_ok, self.engine_error = False, f"engine {self.engine_url} unreachable: {exc!r}"
             await asyncio.sleep(self.metrics_interval)
 
@@ -207,38 +209,46 @@ class SideCar:
             headers[PREDICTED_HEADER] = header
         tracked = self.tracker.start(parsed.prompt_tokens, predicted) if parsed is not None else None
         self.proxied_total += 1
-        upstream = self.client.build_request("POST", self.engine_url + path, content=body, headers=headers)
         try:
-            resp = await self.client.send(upstream, stream=True)
-        except httpx.HTTPError as exc:
+            resp = await self.client.post(self.engine_url + path, data=body, headers=headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             if tracked:
                 self.tracker.finish(tracked)
             self.proxy_errors_total += 1
             err = oa.ApiError(503, f"side-car {self.name}: engine {self.engine_url} unreachable: {exc!r}")
             return Response(err.body(), status_code=503, media_type="application/json")
-        if parsed is None or not parsed.stream or resp.status_code != 200:
+        if parsed is None or not parsed.stream or resp.status != 200:
             try:
-                data = await resp.aread()
+                data = await resp.read()
+            except aiohttp.ClientError as exc:
+                self.proxy_errors_total += 1
+                err = oa.ApiError(502, f"side-car {self.name}: engine response broke: {exc!r}")
+                return Response(err.body(), status_code=502, media_type="application/json")
             finally:
-                await resp.aclose()
+                resp.release()
                 if tracked:
                     self.tracker.finish(tracked)
-            return Response(data, status_code=resp.status_code, media_type=resp.headers.get("content-type"))
+            return Response(data, status_code=resp.status, media_type=resp.headers.get("content-type"))
         counter = _Count()
 
         async def passthrough():
+            complete = False
             try:
-                async for data in resp.aiter_raw():
+                async for data in resp.content.iter_any():
                     n = counter.feed(data)
                     if n and tracked:
                         self.tracker.token(tracked, n)
                     yield data
-            except httpx.HTTPError as exc:
+                complete = True
+            except aiohttp.ClientError as exc:
                 self.proxy_errors_total += 1
                 yield oa.sse({"error": {"message": f"engine stream broke: {exc!r}", "type": "APIError",
                                         "code": 502}})
             finally:
-                await resp.aclose()
+                if complete:
+                    resp.release()
+                else:  # closing the connection tells the engine to abort the request
+                    resp.close()
                 if tracked:
                     self.tracker.finish(tracked)
 
@@ -329,16 +339,17 @@ def build_app(car: SideCar) -> Starlette:
     async def models(request: HttpRequest) -> Response:
         assert car.client is not None
         try:
-            resp = await car.client.get(car.engine_url + "/v1/models", timeout=5.0)
-        except httpx.HTTPError as exc:
+            async with car.client.get(car.engine_url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5.0)) as r:
+                return Response(await r.read(), status_code=r.status, media_type="application/json")
+        except (aiohttp.ClientError, TimeoutError) as exc:
             return Response(oa.ApiError(503, f"engine unreachable: {exc!r}").body(), status_code=503,
                             media_type="application/json")
-        return Response(resp.content, status_code=resp.status_code, media_type="application/json")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        car.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=2.0), limits=limits)
+        car.client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0), auto_decompress=False)
         await car.sink.start()
         task = asyncio.create_task(car.poll_engine())
         yield
@@ -346,7 +357,7 @@ def build_app(car: SideCar) -> Starlette:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await car.sink.stop()
-        await car.client.aclose()
+        await car.client.close()
 
     return Starlette(routes=[
         Route("/v1/completions", car.proxy, methods=["POST"]),

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 
-import httpx
+import aiohttp
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
@@ -76,7 +76,7 @@ class Scheduler:
         self.estimator = estimator
         self.poll_interval = poll_interval
         self.prior = LengthPrior.embedded()
-        self.client: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
         self.decision_latency = Histogram()
         self.requests_total = 0
         self.errors_total = 0
@@ -89,10 +89,10 @@ class Scheduler:
         assert self.client is not None
         started = time.monotonic()
         try:
-            resp = await self.client.get(inst.url + "/state", timeout=1.0)
-            resp.raise_for_status()
-            data = orjson.loads(resp.content)
-        except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
+            async with self.client.get(inst.url + "/state", timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
+                resp.raise_for_status()
+                data = orjson.loads(await resp.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
             self._mark_down(inst, f"side-car {inst.url} unreachable: {exc!r}")
             return
         inst.signals = LoadSignals(**data["signals"])
@@ -128,12 +128,12 @@ class Scheduler:
         body = {"target": target, "candidates": [{"prompt_tokens": req.prompt_tokens,
                                                    "predicted_output_tokens": req.predicted_output_tokens}]}
         try:
-            resp = await self.client.post(self.instances[cand.name].url + "/predict", content=orjson.dumps(body),
-                                          headers={"content-type": "application/json"})
-            resp.raise_for_status()
-            d = orjson.loads(resp.content)["predictions"][0]
+            async with self.client.post(self.instances[cand.name].url + "/predict", data=orjson.dumps(body),
+                                        headers={"content-type": "application/json"}) as resp:
+                resp.raise_for_status()
+                d = orjson.loads(await resp.read())["predictions"][0]
             cand.predictions[target] = Prediction(**d)
-        except (httpx.HTTPError, orjson.JSONDecodeError, KeyError, TypeError):
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, KeyError, TypeError):
             cand.predictions[target] = None
 
     async def decide(self, req: Request, excluded: set[str]) -> tuple[str, list[LiveCandidate], float]:
@@ -188,52 +188,55 @@ class Scheduler:
             inst.pending.append((time.monotonic(), req))
             inst.dispatched_total += 1
             self._decision(rid, choice, cands, decision_s)
-            upstream = self.client.build_request("POST", inst.url + path, content=await request.body(),
-                                                 headers=headers)
             try:
-                resp = await self.client.send(upstream, stream=True)
-                if resp.status_code >= 500:
-                    detail = (await resp.aread())[:300].decode("utf-8", "replace")
-                    await resp.aclose()
-                    raise httpx.HTTPStatusError(f"{resp.status_code}: {detail}", request=upstream, response=resp)
-                chunks = resp.aiter_raw()
+                resp = await self.client.post(inst.url + path, data=await request.body(), headers=headers)
+                if resp.status >= 500:
+                    detail = (await resp.read())[:300].decode("utf-8", "replace")
+                    resp.release()
+                    raise _BrokenBeforeFirstToken(f"HTTP {resp.status}: {detail}")
+                chunks = resp.content.iter_any()
                 first = await self._first_chunk(resp, chunks, parsed.stream)
-            except (httpx.HTTPError, _BrokenBeforeFirstToken) as exc:
+            except (aiohttp.ClientError, TimeoutError, _BrokenBeforeFirstToken) as exc:
                 inst.failures += 1
                 self._mark_down(inst, f"failed before the first token: {exc!r}")
                 excluded.add(choice)
                 retries += 1
                 self.retries_total += 1
                 continue
-            if resp.status_code != 200:  # a 4xx from the engine: the client's problem, pass it on
-                body = first + await resp.aread()
-                await resp.aclose()
+            if resp.status != 200:  # a 4xx from the engine: the client's problem, pass it on
+                resp.release()
                 self.errors_total += 1
-                self._record(rid, choice, arrival, None, parsed, 0, "error", body[:300].decode(), retries)
-                return Response(body, status_code=resp.status_code, media_type="application/json")
+                self._record(rid, choice, arrival, None, parsed, 0, "error", first[:300].decode(), retries)
+                return Response(first, status_code=resp.status, media_type="application/json")
             return self._stream_back(resp, chunks, first, rid, choice, arrival, parsed, retries)
 
-    async def _first_chunk(self, resp: httpx.Response, chunks: AsyncIterator[bytes], stream: bool) -> bytes:
+    async def _first_chunk(self, resp: aiohttp.ClientResponse, chunks: AsyncIterator[bytes],
+                           stream: bool) -> bytes:
         """Read until the first token (streaming) or the whole body, so a failure can still be retried."""
-        if not stream or resp.status_code != 200:
-            return await resp.aread()
+        if not stream or resp.status != 200:
+            try:
+                return await resp.read()
+            except aiohttp.ClientError as exc:
+                resp.release()
+                raise _BrokenBeforeFirstToken(str(exc)) from exc
         buf = b""
         try:
             async for data in chunks:
                 buf += data
                 if b"\n\n" in buf:
                     return buf
-        except httpx.HTTPError as exc:
-            await resp.aclose()
+        except aiohttp.ClientError as exc:
+            resp.release()
             raise _BrokenBeforeFirstToken(str(exc)) from exc
-        await resp.aclose()
+        resp.release()
         if b"data:" not in buf:
             raise _BrokenBeforeFirstToken("upstream closed without a token")
         return buf
 
-    def _stream_back(self, resp: httpx.Response, chunks: AsyncIterator[bytes], first: bytes, rid: str, choice: str,
-                     arrival: float, parsed: oa.CompletionRequest, retries: int) -> Response:
+    def _stream_back(self, resp: aiohttp.ClientResponse, chunks: AsyncIterator[bytes], first: bytes, rid: str,
+                     choice: str, arrival: float, parsed: oa.CompletionRequest, retries: int) -> Response:
         if not parsed.stream:
+            resp.release()
             first_ts = time.time()
             try:
                 tokens = orjson.loads(first).get("usage", {}).get("completion_tokens", 0)
@@ -251,12 +254,15 @@ class Scheduler:
                     tokens += data.count(b"data: {")
                     yield data
                 status, error = "ok", ""
-            except httpx.HTTPError as exc:
+            except aiohttp.ClientError as exc:
                 status, error = "error", f"instance {choice} broke mid-stream: {exc!r}"
                 self.errors_total += 1
                 yield oa.sse({"error": {"message": error, "type": "APIError", "code": 502}})
             finally:
-                await resp.aclose()
+                if status == "ok":
+                    resp.release()
+                else:  # do not reuse a connection whose response was not read to the end
+                    resp.close()
                 if status == "cancelled":
                     self.cancelled_total += 1
                 self._record(rid, choice, arrival, first_ts, parsed, max(0, tokens - 1), status, error, retries)
@@ -402,8 +408,9 @@ def build_app(sched: Scheduler) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=500)
-        sched.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=2.0), limits=limits)
+        sched.client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0), auto_decompress=False)
         await sched.sink.start()
         await asyncio.gather(*(sched._poll_one(i) for i in list(sched.instances.values())))
         task = asyncio.create_task(sched.poll_forever())
@@ -412,7 +419,7 @@ def build_app(sched: Scheduler) -> Starlette:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await sched.sink.stop()
-        await sched.client.aclose()
+        await sched.client.close()
 
     return Starlette(routes=[
         Route("/v1/completions", completions, methods=["POST"]),

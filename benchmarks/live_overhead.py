@@ -1,0 +1,138 @@
+"""Live-stack overhead, throughput and fidelity (issue: the live stack). Prints tables and a RESULT line.
+
+1. Added latency: the same short requests at 50 QPS against 8 emulated instances, once straight to the
+   engines (round robin) and once through scheduler + side-cars with the block policy. Added latency is
+   the difference of client-side TTFT percentiles.
+2. Scheduler throughput: closed-loop clients send 1-token requests through the scheduler for a fixed
+   time; routed requests per second and errors (least_requests and block).
+3. Live vs offline: one workload replayed in real time (time scale 1) against a 4-instance emulated
+   cluster and simulated offline at the same QPS; P50 TTFT and E2E of both.
+
+Everything (19 processes and the load generator) shares this machine's cores, so overheads include
+CPU contention. --quick keeps the whole run under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import orjson
+import pandas as pd
+
+from block.offline import ClusterSpec, Honesty, run_policy
+from block.predictor import LengthPrior
+from simulator.workload import Request, poisson_arrivals, synthetic_lengths
+from workbench.loadgen import prompt_of, run_load, summarize
+from workbench.local import EngineFlags, LocalCluster
+
+
+def short_requests(n: int, qps: float, seed: int = 0) -> list[Request]:
+    arr = poisson_arrivals(n, qps, np.random.default_rng(seed))
+    return [Request(i, float(arr[i]), 32, 4) for i in range(n)]
+
+
+def added_latency(workspace: Path, n: int) -> tuple[dict, dict]:
+    reqs = short_requests(n, 50.0)
+    with LocalCluster(workspace / "overhead", instances=8, policy="block",
+                      engine=EngineFlags(time_scale=1.0)) as cluster:
+        engines = [s.url for s in cluster.services.values() if s.kind == "engine"]
+        asyncio.run(run_load(engines, short_requests(40, 50.0, 9), "Llama-2-7B"))  # warm connections
+        direct = summarize(asyncio.run(run_load(engines, reqs, "Llama-2-7B")))
+        routed = summarize(asyncio.run(run_load(cluster.scheduler_url, reqs, "Llama-2-7B")))
+    return direct, routed
+
+
+async def closed_loop(url: str, seconds: float, clients: int) -> tuple[int, int]:
+    body = orjson.dumps({"model": "Llama-2-7B", "prompt": prompt_of(16), "max_tokens": 1, "ignore_eos": True})
+    ok = errors = 0
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
+                                     timeout=aiohttp.ClientTimeout(total=30.0)) as client:
+        async def worker() -> None:
+            nonlocal ok, errors
+            while time.monotonic() < deadline:
+                try:
+                    async with client.post(url + "/v1/completions", data=body,
+                                           headers={"content-type": "application/json"}) as r:
+                        await r.read()
+                        ok += r.status == 200
+                        errors += r.status != 200
+                except (aiohttp.ClientError, TimeoutError):
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return ok, errors
+
+
+def throughput(workspace: Path, seconds: float) -> list[dict]:
+    rows = []
+    with LocalCluster(workspace / "throughput", instances=4, policy="least_requests",
+                      engine=EngineFlags(time_scale=50.0)) as cluster:
+        for policy in ("least_requests", "block"):
+            cluster.set_policy(policy)
+            asyncio.run(closed_loop(cluster.scheduler_url, 1.0, 32))
+            ok, errors = asyncio.run(closed_loop(cluster.scheduler_url, seconds, 64))
+            rows.append({"policy": policy, "routed_per_s": ok / seconds, "errors": errors})
+    return rows
+
+
+def live_vs_offline(workspace: Path, n: int, qps: float) -> pd.DataFrame:
+    rng = np.random.default_rng(7)
+    trace = synthetic_lengths(n, rng)
+    out = np.minimum(trace.output_tokens, 96)
+    arr = poisson_arrivals(n, qps, rng)
+    reqs = [Request(i, float(arr[i]), int(trace.prompt_tokens[i]), int(out[i])) for i in range(n)]
+    with LocalCluster(workspace / "fidelity", instances=4, policy="block",
+                      engine=EngineFlags(time_scale=1.0, noise=0.05)) as cluster:
+        live = summarize(asyncio.run(run_load(cluster.scheduler_url, reqs, "Llama-2-7B")))
+    spec = ClusterSpec("A30", "Llama-2-7B", 4, 48, 512, 1052)
+    offline = run_policy(spec, "block", reqs, prior=LengthPrior.embedded(), calibration_trace=trace,
+                         honesty=Honesty(noise=0.05, state_interval=0.1, oracle_timing=True)).summary
+    rows = []
+    for metric, live_key, off_key in (("p50_ttft_s", "median_ttft_ms", "p50_ttft"),
+                                      ("p50_e2e_s", "median_e2el_ms", "p50_e2e")):
+        lv, of = live[live_key] / 1e3, offline[off_key]
+        rows.append({"metric": metric, "live": lv, "offline": of, "diff_pct": (lv - of) / of * 100})
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    n = 300 if args.quick else 1500
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Path(tmp)
+        direct, routed = added_latency(ws, n)
+        tput = throughput(ws, 4.0 if args.quick else 15.0)
+        fidelity = live_vs_offline(ws, 60 if args.quick else 300, 3.0)
+    lat = pd.DataFrame([
+        {"path": "direct to engines", "p50_ttft_ms": direct["median_ttft_ms"], "p99_ttft_ms": direct["p99_ttft_ms"],
+         "completed": direct["completed"], "failed": direct["failed"]},
+        {"path": "scheduler + side-car (block)", "p50_ttft_ms": routed["median_ttft_ms"],
+         "p99_ttft_ms": routed["p99_ttft_ms"], "completed": routed["completed"], "failed": routed["failed"]},
+    ])
+    added_p50 = routed["median_ttft_ms"] - direct["median_ttft_ms"]
+    added_p99 = routed["p99_ttft_ms"] - direct["p99_ttft_ms"]
+    print(f"1. Added latency at 50 QPS, 8 instances, block policy ({n} short requests); target P50 <= 3 ms, "
+          "P99 <= 10 ms")
+    print(lat.round(2).to_string(index=False))
+    print(f"added: P50 {added_p50:.2f} ms, P99 {added_p99:.2f} ms")
+    print("\n2. Scheduler throughput, 1-token requests, 64 closed-loop clients; target >= 300/s")
+    print(pd.DataFrame(tput).round(1).to_string(index=False))
+    print("\n3. Live (time scale 1) vs offline simulator, same workload and policy, 4 x A30; target within 15%")
+    print(fidelity.round(3).to_string(index=False))
+    lost = n - routed["completed"]
+    best = max(r["routed_per_s"] for r in tput if r["errors"] == 0) if any(r["errors"] == 0 for r in tput) else 0.0
+    print(f"RESULT added_p50_ms={added_p50:.2f} added_p99_ms={added_p99:.2f} routed_per_s={best:.0f} "
+          f"lost_requests={lost}")
+
+
+if __name__ == "__main__":
+    main()
