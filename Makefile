@@ -10,7 +10,8 @@ CORE := simulator/engine.py simulator/timing.py
 $(VENV)/.installed: pyproject.toml setup.py $(CORE)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q torch==2.13.0  # the CPU build, before anything can pull a CUDA one
+	$(PY) -m pip install -q -e '.[dev,length]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -23,20 +23,38 @@ from block.policies import HEURISTICS
 from simulator.data import data_dir
 from simulator.metrics import capacity
 
-BLOCK_FAMILY = ("block", "block_ttft")
+BLOCK_FAMILY = ("block", "block_ttft", "block_star")
 
 
-def _study(quick: bool, oracle_lengths: bool = False) -> Study:
+def _study(quick: bool, oracle_lengths: bool = False, estimator=None) -> Study:
     spec = get_preset("paper")
     if quick:
         spec = ClusterSpec(**{**spec.__dict__, "instances": 6})
     lengths = "alpaca" if data_dir() is not None else "synthetic"
-    return Study(spec, lengths, 1200 if quick else 3000, Honesty(oracle_lengths=oracle_lengths))
+    return Study(spec, lengths, 1200 if quick else 3000, Honesty(oracle_lengths=oracle_lengths),
+                 length_estimator=estimator)
+
+
+def _length_estimator():
+    """Out-of-fold MiniLM estimates of every AlpacaEval prompt, when the length extra and data exist."""
+    if data_dir() is None:
+        return None
+    try:
+        from block.length.data import load_alpaca
+        from block.length.estimator import out_of_fold_estimator
+        from block.length.models import Encoder
+    except ImportError:
+        return None
+    try:
+        encoder = Encoder("results/length/minilm-embeddings.npz")
+    except ImportError:
+        return None
+    return out_of_fold_estimator(load_alpaca(), "llama-2-7b-chat-hf", encoder)
 
 
 def _capacity(job: tuple) -> dict:
-    policy, seed, slo, lo, hi, quick, oracle = job
-    study = _study(quick, oracle)
+    policy, seed, slo, lo, hi, quick, oracle, estimator = job
+    study = _study(quick, oracle, estimator)
     cap = capacity(lambda qps, s: study.run(policy, qps, s).records, slo, lo=lo, hi=hi, seeds=(seed,),
                    rel_tol=0.015)
     return {"policy": policy, "seed": seed, "slo_s": slo, "capacity_qps": cap["capacity"],
@@ -63,9 +81,12 @@ def main() -> None:
     policies = [*HEURISTICS, *BLOCK_FAMILY]
     per_instance = 34.5 / 12  # bracket the knee around the paper preset's measured ~2.9 QPS/instance
     lo, hi = 0.75 * per_instance * study.spec.instances, 1.2 * per_instance * study.spec.instances
-    jobs = [(p, seed, slo, lo, hi, quick, False) for p in policies for seed in seeds for slo in slos]
+    jobs = [(p, seed, slo, lo, hi, quick, False, None) for p in policies for seed in seeds for slo in slos]
+    estimator = _length_estimator()
+    if estimator is not None:  # block_star with the MiniLM estimator's out-of-fold guesses: honest
+        jobs += [("block_star", seed, slo, lo, hi, quick, False, estimator) for seed in seeds for slo in slos]
     if not quick:
-        jobs += [("block_star", seed, slo, lo, hi, quick, True) for seed in seeds for slo in slos]
+        jobs += [("block_star", seed, slo, lo, hi, quick, True, None) for seed in seeds for slo in slos]
     workers = min(len(jobs), os.cpu_count() or 1)
     with ProcessPoolExecutor(workers) as pool:
         caps = pd.DataFrame(list(pool.map(_capacity, jobs)))
@@ -77,7 +98,8 @@ def main() -> None:
     spec = study.spec
     print(f"{spec.instances} x {spec.gpu} {spec.model}, cap {spec.max_num_seqs}, chunk {spec.max_num_batched_tokens}, "
           f"{spec.num_blocks} blocks; {study.lengths} lengths; {study.requests} requests/run; seeds {seeds}; "
-          f"mode {study.honesty.label} (block_star rows: oracle lengths, an upper bound)")
+          f"mode {study.honesty.label}; block_star honest = MiniLM out-of-fold length estimates, "
+          "oracle-lengths = true lengths (an upper bound)")
     if points is not None:
         agg = points.groupby(["qps", "policy"], sort=False)[["p50_ttft", "p99_ttft", "p50_e2e", "p99_e2e"]]
         print("\nLatency (seconds, mean over seeds)")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pandas as pd
 from tqdm import tqdm
 
@@ -236,6 +237,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_length_train(args: argparse.Namespace) -> int:
+    from block.length.data import load_alpaca
+    from block.length.estimator import model_file, train
+    from block.length.models import Encoder
+
+    out = Path(args.out) if args.out else model_file(args.served_model)
+    data = load_alpaca()
+    if args.subset:
+        data = data.subset(np.random.default_rng(0).permutation(len(data))[: args.subset])
+    meta = train(data, args.served_model, Encoder(args.cache), out)
+    cv = meta["cv"]
+    print(f"wrote {out}: {meta['served_model']} on {meta['trained_on']} prompts, 5-fold CV MAE {cv['mae']:.1f}, "
+          f"Acc@100 {cv['acc100']:.1%}")
+    return 0
+
+
+def cmd_length_eval(args: argparse.Namespace) -> int:
+    from block.length.data import MODELS, load_alpaca
+    from block.length.estimator import quality_table
+    from block.length.models import Encoder
+
+    table = quality_table(load_alpaca(), Encoder(args.cache), k=args.folds,
+                          models=tuple(args.models.split(",")) if args.models else MODELS)
+    print(table.round(3).to_string(index=False))
+    _write(table, args.csv)
+    return 0
+
+
+def cmd_length_tag(args: argparse.Namespace) -> int:
+    """Add predicted_output_tokens to a JSON-lines trace whose records carry a prompt text."""
+    from block.length.estimator import LengthEstimator
+
+    est = LengthEstimator.load(args.model_file)
+    src, dst = Path(args.trace), Path(args.out)
+    records = []
+    with src.open() as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = orjson.loads(line)
+                prompt = rec[args.prompt_field]
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"{src}:{line_no}: needs a JSON object with a {args.prompt_field!r} field "
+                                 f"({exc})") from exc
+            records.append((rec, prompt))
+    estimates = est.predict_detailed([p for _, p in records])
+    with dst.open("wb") as out:
+        for (rec, _), e in zip(records, estimates, strict=True):
+            rec |= {"predicted_output_tokens": e.tokens, "predicted_low": e.low, "predicted_high": e.high,
+                    "prompt_truncated": e.truncated}
+            out.write(orjson.dumps(rec) + b"\n")
+    print(f"wrote {len(records)} records with predicted lengths ({est.served_model}) to {dst}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="block", description="Block Workbench: predictive LLM load balancing")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -298,6 +355,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="policy label stored with the results")
     p.set_defaults(func=cmd_bench)
 
+    length = sub.add_parser("length", help="response-length estimator: train, eval, tag")
+    lsub = length.add_subparsers(dest="length_command", required=True)
+    p = lsub.add_parser("train", help="fit the MiniLM estimator for one served model on AlpacaEval")
+    p.add_argument("--served-model", default="llama-2-7b-chat-hf")
+    p.add_argument("--out", help="model file (default models/length-<served-model>.npz)")
+    p.add_argument("--subset", type=int, help="train on this many prompts (CI-sized runs)")
+    p.add_argument("--cache", default="results/length/minilm-embeddings.npz", help="embedding cache file")
+    p.set_defaults(func=cmd_length_train)
+    p = lsub.add_parser("eval", help="k-fold quality table for every estimator and served model")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--models", help="comma-separated served models (default: all)")
+    p.add_argument("--cache", default="results/length/minilm-embeddings.npz")
+    p.add_argument("--csv")
+    p.set_defaults(func=cmd_length_eval)
+    p = lsub.add_parser("tag", help="write predicted lengths into a JSON-lines trace")
+    p.add_argument("--model-file", required=True)
+    p.add_argument("--trace", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--prompt-field", default="prompt")
+    p.set_defaults(func=cmd_length_tag)
+
     p = sub.add_parser("demo", help="live demo: local cluster, one replay per policy, summary from DuckDB")
     engine_args(p)
     live_args(p, 10.0, 300)
@@ -311,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError, ImportError) as exc:
         print(f"block {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

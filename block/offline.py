@@ -10,6 +10,7 @@ this split exist for upper bounds and are labelled "oracle" wherever they are re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from block.length.data import load_alpaca
 from block.policies import LoadSignals, Policy, make_policy
 from block.predictor.core import LengthPrior, Prediction, Predictor
 from simulator.cluster import Cluster, Instance
@@ -89,6 +91,9 @@ def lengths_source(name: str, seed: int) -> tuple[Trace, LengthPrior]:
         prior_lengths = synthetic_lengths(4000, np.random.default_rng(seed + 20_000)).output_tokens
         return trace, LengthPrior(prior_lengths, "synthetic")
     trace = load_named_trace(name).clipped(4096)
+    if name == "alpaca":  # carry the prompt texts, for length estimators
+        with contextlib.suppress(FileNotFoundError):
+            trace.prompts = load_alpaca().prompts
     order = np.random.default_rng(12345).permutation(len(trace))
     half = order[: len(order) // 2]
     return trace, LengthPrior(trace.output_tokens[half], f"{name}-half")
@@ -98,8 +103,9 @@ def poisson_workload(trace: Trace, n: int, qps: float, seed: int) -> list[Reques
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(trace), size=n)
     arrivals = poisson_arrivals(n, qps, rng)
-    return [Request(i, float(arrivals[i]), int(trace.prompt_tokens[j]), int(trace.output_tokens[j]))
-            for i, j in enumerate(idx)]
+    prompts = trace.prompts
+    return [Request(i, float(arrivals[i]), int(trace.prompt_tokens[j]), int(trace.output_tokens[j]),
+                    prompt=None if prompts is None else prompts[j]) for i, j in enumerate(idx)]
 
 
 def trace_workload(trace: Trace, n: int, qps: float) -> list[Request]:

@@ -40,14 +40,14 @@ def instance(name, collector=None):
 
 
 @contextlib.contextmanager
-def cluster(tmp_path, n=2, policy="block", budget_s=0.5):
+def cluster(tmp_path, n=2, policy="block", budget_s=0.5, estimator=None):
     with contextlib.ExitStack() as stack:
         store = Store(tmp_path / "ws.duckdb")
         collector = stack.enter_context(serve(collector_app(store)))
         insts = [stack.enter_context(instance(f"i{k}", collector)) for k in range(n)]
         sched = Scheduler({f"i{k}": insts[k][2] for k in range(n)}, policy, ["llama"], 4096,
                           predict_budget_s=budget_s, admin_token=TOKEN, sink=EventSink(collector, "t"),
-                          poll_interval=0.05)
+                          poll_interval=0.05, estimator=estimator)
         url = stack.enter_context(serve(scheduler_app(sched)))
         yield sched, url, insts, collector
 

@@ -168,7 +168,7 @@ class Scheduler:
             self.errors_total += 1
             return Response(err.body(), status_code=err.status, media_type="application/json")
         estimate = None
-        if self.estimator is not None and self.policy.uses_length_estimates:
+        if self.estimator is not None and self.policy.uses_length_estimates and parsed.prompt_text.strip():
             estimate = max(1, int(self.estimator(parsed.prompt_text)))
         req = Request(self.requests_total, arrival, parsed.prompt_tokens, 1, estimate)
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
@@ -448,6 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--admin-token", default=os.environ.get("BLOCK_ADMIN_TOKEN"))
     p.add_argument("--collector-url")
     p.add_argument("--run-id", default="live")
+    p.add_argument("--length-model", help="length estimator file (block length train); used by block_star")
     args = p.parse_args(argv)
     instances = {}
     for item in args.instance:
@@ -455,9 +456,14 @@ def main(argv: list[str] | None = None) -> None:
         if not sep:
             p.error(f"--instance takes NAME=URL, got {item!r}")
         instances[name] = url
+    estimator = None
+    if args.length_model:
+        from block.length.estimator import LengthEstimator
+
+        estimator = LengthEstimator.load(args.length_model)  # loaded once, serves in-process
     sched = Scheduler(instances, args.policy, args.served_model_name or ["Llama-2-7B"], args.max_model_len,
                       predict_budget_s=args.predict_budget_ms / 1e3, admin_token=args.admin_token,
-                      sink=EventSink(args.collector_url, args.run_id))
+                      sink=EventSink(args.collector_url, args.run_id), estimator=estimator)
     uvicorn.run(build_app(sched), host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -1,0 +1,1 @@
+"""Response-length estimation: data, the text encoder, estimators, evaluation and serving."""
