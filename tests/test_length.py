@@ -58,7 +58,7 @@ def test_served_estimator_handles_bad_input(model_path, encoder):
 
 def test_scheduler_serves_estimates_to_block_star(tmp_path, model_path, encoder):
     est = LengthEstimator.load(model_path, encoder)
-    with cluster(tmp_path, policy="block_star", estimator=est) as (sched, url, insts, _):
+    with cluster(tmp_path, policy="block_star", estimator=est) as (_, url, insts, _c):
         r = complete(url, 400)
         assert r.status_code == 200
         car = next(c for _, c, _ in insts if c.name == r.headers["x-block-instance"])
