@@ -32,6 +32,11 @@ from block.offline import (
     trace_workload,
 )
 from block.policies import HEURISTICS, POLICIES
+from block.predictor import LengthPrior, Predictor
+from block.provisioner import Provisioner, ProvisionerConfig
+from simulator.hardware import get_gpu, get_model
+from simulator.timing import Roofline
+from workbench.autoscale import LiveAutoscaler
 from workbench.loadgen import run_load
 from workbench.loadgen import summarize as summarize_load
 from workbench.local import EngineFlags, LocalCluster
@@ -171,7 +176,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     cluster.start()
+    autoscaler = None
     try:
+        if args.autoscale:
+            autoscaler = _autoscaler(cluster, args)
+            autoscaler.start()
+            print(f"autoscaling ({args.autoscale}): {args.min_instances}..{args.max_instances} instances, "
+                  f"TTFT SLO {args.slo_ttft}s; decisions go to the provisioning table")
         print(f"scheduler  {cluster.scheduler_url}  (OpenAI API; admin token {cluster.admin_token})")
         print(f"collector  {cluster.collector_url}  (DuckDB {Path(args.workspace) / 'block.duckdb'})")
         for svc in cluster.services.values():
@@ -180,9 +191,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("Ctrl-C stops the cluster", flush=True)
         stop.wait()
     finally:
+        if autoscaler is not None:
+            autoscaler.stop()
         cluster.stop()
         print("stopped all services")
     return 0
+
+
+def _autoscaler(cluster: LocalCluster, args: argparse.Namespace) -> LiveAutoscaler:
+    """The predictive or reactive controller on a live cluster; times in emulated-GPU seconds."""
+    config = ProvisionerConfig(mode=args.autoscale, slo_ttft=args.slo_ttft, min_instances=args.min_instances,
+                               max_instances=args.max_instances, cold_start=args.cold_start)
+    predictor = Predictor(Roofline(get_gpu(args.gpu), get_model(args.model)), LengthPrior.embedded())
+    return LiveAutoscaler(cluster, Provisioner(config, predictor))
 
 
 def _print_summary(summary: dict) -> None:
@@ -345,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     engine_args(p)
     p.add_argument("--model", default="Llama-2-7B")
     p.add_argument("--policy", default="block")
+    p.add_argument("--autoscale", choices=("predictive", "reactive"), help="run the provisioning controller")
+    p.add_argument("--min-instances", type=int, default=1)
+    p.add_argument("--max-instances", type=int, default=8)
+    p.add_argument("--slo-ttft", type=float, default=3.0, help="TTFT SLO in emulated-GPU seconds")
+    p.add_argument("--cold-start", type=float, default=60.0, help="emulated seconds for a new instance")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("bench", help="open-loop load against an OpenAI-compatible URL")

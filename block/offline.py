@@ -10,6 +10,7 @@ this split exist for upper bounds and are labelled "oracle" wherever they are re
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import time
@@ -22,7 +23,8 @@ import pandas as pd
 from block.length.data import load_alpaca
 from block.policies import LoadSignals, Policy, make_policy
 from block.predictor.core import LengthPrior, Prediction, Predictor
-from simulator.cluster import Cluster, Instance
+from block.provisioner import InstanceView, Observation, Provisioner, ProvisionerConfig
+from simulator.cluster import Cluster, ClusterView, Instance, ScaleAction
 from simulator.engine import Engine, EngineConfig, InstanceState
 from simulator.hardware import get_gpu, get_model, num_kv_blocks
 from simulator.metrics import capacity, records_frame, summarize
@@ -302,3 +304,69 @@ def capacity_table(study: Study, policies: Sequence[str], slos: Sequence[float],
             if progress is not None:
                 progress(f"{policy} slo={slo}s capacity={cap['capacity']:.2f}")
     return pd.DataFrame(rows)
+
+
+class SimProvisioner:
+    """The provisioning controller on the simulator's hook: the same Provisioner as online, fed from
+    engine snapshots (predicted lengths only, never true ones) and the router's arrival log."""
+
+    def __init__(self, provisioner: Provisioner):
+        self.provisioner = provisioner
+        self.period = provisioner.period
+
+    def decide(self, now: float, view: ClusterView) -> list[ScaleAction]:
+        window = self.provisioner.config.window
+        instances, ttfts = [], []
+        for inst in view.instances:
+            ready = inst.is_ready(now)
+            state = inst.engine.snapshot() if ready else None
+            instances.append(InstanceView(inst.name, state, ready, inst.draining))
+            if state is not None:
+                ttfts += [(r.first_token_time, r.first_token_time - r.arrival) for r in state.requests
+                          if r.first_token_time is not None and r.first_token_time > now - window]
+        for _, s in reversed(view.finished):
+            if s.finish_time < now - window:
+                break
+            if s.first_token is not None and s.first_token > now - window:
+                ttfts.append((s.first_token, s.first_token - s.arrival))
+        arrivals = view.arrivals[bisect.bisect_left(view.arrivals, now - window):]
+        obs = Observation(now, instances, arrivals, ttfts)
+        return [ScaleAction(d.action, d.instance, d.reason) for d in self.provisioner.decide(obs)]
+
+
+def run_provisioning(spec: ClusterSpec, requests: Sequence[Request], config: ProvisionerConfig, *,
+                     start_instances: int, prior: LengthPrior, calibration_trace: Trace, policy: str = "block",
+                     honesty: Honesty | None = None, seed: int = 0) -> dict:
+    """One provisioning mode on one workload: latency, SLO violations, cost and actions."""
+    honesty = honesty or Honesty()
+    cfg = spec.engine_config()
+    world = spec.world_timing()
+    timing: TimingModel = world if honesty.oracle_timing else calibrate(spec, honesty.noise, calibration_trace)
+    predictor = Predictor(timing, prior)
+    router = SimRouter(make_policy(policy, seed=seed), predictor, honesty.state_interval)
+    counter = iter(range(10**6))
+
+    def factory(name: str) -> Engine:
+        return Engine(cfg, world, noise=honesty.noise, seed=seed * 1000 + 500 + next(counter), name=name)
+
+    engines = [factory(f"instance-{i}") for i in range(start_instances)]
+    controller = Provisioner(config, predictor)
+    cluster = Cluster(engines, router, provisioner=SimProvisioner(controller), engine_factory=factory,
+                      cold_start=config.cold_start)
+    result = cluster.run(list(requests))
+    records = records_frame(result.finished)
+    summary = summarize(records, slo_ttft=config.slo_ttft)
+    actions = [e for e in result.provisioning if e.kind in ("add", "drain")]
+    return {"mode": config.mode, "p99_ttft": summary["p99_ttft"], "p99_e2e": summary["p99_e2e"],
+            "slo_violations": int((records["ttft"] > config.slo_ttft).sum()),
+            "instance_seconds": result.instance_seconds, "scale_actions": len(actions),
+            "peak_instances": _peak_instances(result.provisioning, start_instances),
+            "events": result.provisioning, "decisions": controller.decisions}
+
+
+def _peak_instances(events: Sequence, start: int) -> int:
+    live = peak = start
+    for e in sorted(events, key=lambda e: e.time):
+        live += {"add": 1, "stop": -1}.get(e.kind, 0)
+        peak = max(peak, live)
+    return peak

@@ -67,6 +67,7 @@ class ClusterView:
     instances: list[Instance]
     finished: list[tuple[str, object]]
     pending: int  # instances started but not ready yet
+    arrivals: list[float]  # arrival times of every request routed so far
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Cluster:
         self.cold_start = cold_start
         self.dispatch_delay = dispatch_delay
         self.result = ClusterResult()
+        self.arrivals: list[float] = []
         if provisioner is not None and engine_factory is None:
             raise ValueError("a provisioner needs an engine_factory to create instances")
 
@@ -127,7 +129,7 @@ class Cluster:
     def _tick(self, now: float) -> None:
         assert self.provisioner is not None and self.engine_factory is not None
         live = [i for i in self.instances if i.stopped_at is None]
-        view = ClusterView(now, live, self.result.finished, sum(not i.is_ready(now) for i in live))
+        view = ClusterView(now, live, self.result.finished, sum(not i.is_ready(now) for i in live), self.arrivals)
         for action in self.provisioner.decide(now, view):
             if action.kind == "add":
                 eng = self.engine_factory(f"instance-{len(self.instances)}")
@@ -161,6 +163,7 @@ class Cluster:
                 raise RuntimeError(f"no ready instance at t={t:.3f}s for request {req.id}")
             target = self.by_name(self.router(req, candidates, t))
             target.engine.add_request(req)
+            self.arrivals.append(req.arrival)
             if progress is not None and i % 256 == 0:
                 progress(i)
         while ticks and any(inst.engine.running or inst.engine.waiting for inst in self.instances):

@@ -59,6 +59,7 @@ class LengthPrior:
         self.name = name
         self._sorted = arr.tolist()
         self.median = int(np.median(arr))
+        self.mean = round(float(arr.mean()))
 
     @classmethod
     def embedded(cls) -> LengthPrior:
@@ -117,11 +118,14 @@ class Predictor:
         instance: str = "",
         with_impact: bool = False,
         extra: Sequence[Request] = (),
+        timed_extra: Sequence[Request] = (),
     ) -> Prediction:
         """Predict the candidate's latency on this instance.
 
         ``extra`` are requests already dispatched here but not yet visible in ``state``; they are queued
-        ahead of the candidate so concurrent decisions do not all see an empty instance.
+        ahead of the candidate so concurrent decisions do not all see an empty instance. ``timed_extra``
+        are hypothetical future arrivals (their own arrival times, e.g. a load forecast); with them the
+        candidate arrives at its own ``arrival`` and latencies are measured from there.
         """
         if target not in TARGETS:
             raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
@@ -131,6 +135,11 @@ class Predictor:
         arrival = now  # the fork may be mid-iteration past it: the candidate then waits, as it would
         for r in extra:
             eng.add_request(self._as_seen(r, arrival, state.config.max_model_len))
+        for r in sorted(timed_extra, key=lambda r: r.arrival):
+            eng.advance(r.arrival)
+            eng.add_request(self._as_seen(r, max(r.arrival, arrival), state.config.max_model_len))
+        if timed_extra:
+            arrival = max(arrival, candidate.arrival)
         eng.advance(arrival)
         cand = eng.add_request(self._as_seen(candidate, arrival, state.config.max_model_len))
         ttft_only = target == "ttft"
