@@ -1,0 +1,102 @@
+"""The cluster driver over a real SSH server on loopback, and on localhost without SSH."""
+
+import asyncio
+import sys
+
+import pytest
+
+from workbench.check import check
+from workbench.cluster import Cluster, Host, load_cluster, parse_cluster
+from workbench.sshserver import start_loopback_ssh
+
+TOML = """
+[[hosts]]
+name = "a"
+address = "localhost"
+workdir = "{wd}"
+python = "{py}"
+
+[[instances]]
+name = "a0"
+host = "a"
+engine_port = {e}
+sidecar_port = {s}
+flags = ["--gpu", "A30", "--num-blocks", "1052", "--time-scale", "20"]
+
+[scheduler]
+host = "a"
+port = {sched}
+
+[collector]
+host = "a"
+port = {coll}
+db = "{wd}/block.duckdb"
+"""
+
+
+def test_cluster_files_are_checked():
+    base = {"hosts": [{"name": "a"}], "scheduler": {"host": "a", "port": 1}, "collector": {"host": "a", "port": 2}}
+    assert parse_cluster(base).host("a").address == "127.0.0.1"
+    with pytest.raises(ValueError, match="never passwords"):
+        parse_cluster({**base, "hosts": [{"name": "a", "password": "hunter2"}]})
+    with pytest.raises(ValueError, match="unknown host 'b'"):
+        parse_cluster({**base, "instances": [{"name": "x", "host": "b"}]})
+    with pytest.raises(ValueError, match="engine must be one of"):
+        parse_cluster({**base, "instances": [{"name": "x", "host": "a", "engine": "tgi"}]})
+    with pytest.raises(ValueError, match="needs a \\[scheduler\\]"):
+        parse_cluster({"hosts": [{"name": "a"}]})
+    with pytest.raises(ValueError, match="bad hosts\\[0\\]"):
+        parse_cluster({**base, "hosts": [{"name": "a", "colour": "red"}]})
+
+
+def test_two_hosts_over_ssh_start_serve_and_stop_cleanly(tmp_path):
+    result = asyncio.run(check(tmp_path))
+    assert result == {"ssh_cluster_ok": True, "requests_ok": 50, "leftover_processes": 0}
+
+
+def test_host_keys_are_verified(tmp_path):
+    async def go():
+        ssh = await start_loopback_ssh(tmp_path / "ssh")
+        try:
+            spec = ssh.host("x", str(tmp_path), sys.executable)
+            host = Host(spec)
+            await host.connect()
+            assert (await host.run("echo hello")).strip() == "hello"
+            with pytest.raises(RuntimeError, match="exited 3"):
+                await host.run("exit 3")
+            await host.close()
+            (tmp_path / "other_known_hosts").write_text(
+                f"[127.0.0.1]:{ssh.port} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")
+            spec.known_hosts = str(tmp_path / "other_known_hosts")
+            with pytest.raises(ConnectionError, match="127.0.0.1"):
+                await Host(spec).connect()
+        finally:
+            await ssh.close()
+
+    asyncio.run(go())
+
+
+def test_localhost_uses_the_same_interface_without_ssh(tmp_path):
+    from workbench.local import free_port
+
+    path = tmp_path / "cluster.toml"
+    path.write_text(TOML.format(wd=tmp_path, py=sys.executable, e=free_port(), s=free_port(), sched=free_port(),
+                                coll=free_port()))
+    spec = load_cluster(path)
+
+    async def go():
+        cluster = Cluster(spec)
+        await cluster.start()
+        try:
+            status = await cluster.status()
+            assert set(status) == {"collector", "a0-engine", "a0-sidecar", "scheduler"}
+            assert all(s["alive"] for s in status.values())
+            with pytest.raises(KeyError, match="no service 'zz-engine'"):
+                await cluster.logs("zz")
+            pids = [s["pid"] for s in status.values()]
+        finally:
+            await cluster.stop()
+        host = Host(spec.host("a"))
+        assert not any([await host.alive(p) for p in pids])
+
+    asyncio.run(go())
