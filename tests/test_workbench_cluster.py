@@ -3,6 +3,7 @@
 import asyncio
 import sys
 
+import asyncssh
 import pytest
 
 from workbench.check import check
@@ -65,10 +66,10 @@ def test_host_keys_are_verified(tmp_path):
             with pytest.raises(RuntimeError, match="exited 3"):
                 await host.run("exit 3")
             await host.close()
-            (tmp_path / "other_known_hosts").write_text(
-                f"[127.0.0.1]:{ssh.port} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")
+            impostor = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+            (tmp_path / "other_known_hosts").write_text(f"[127.0.0.1]:{ssh.port} {impostor}\n")
             spec.known_hosts = str(tmp_path / "other_known_hosts")
-            with pytest.raises(ConnectionError, match="127.0.0.1"):
+            with pytest.raises(ConnectionError, match=r"127\.0\.0\.1"):
                 await Host(spec).connect()
         finally:
             await ssh.close()
