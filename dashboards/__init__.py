@@ -1,0 +1,1 @@
+"""Panel apps (``panel serve dashboards/live.py``) and the HoloViews plot functions they share."""
