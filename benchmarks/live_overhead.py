@@ -37,7 +37,7 @@ def short_requests(n: int, qps: float, seed: int = 0) -> list[Request]:
     return [Request(i, float(arr[i]), 32, 4) for i in range(n)]
 
 
-def added_latency(workspace: Path, n: int) -> tuple[dict, dict]:
+def added_latency(workspace: Path, n: int) -> tuple[dict, dict, dict]:
     reqs = short_requests(n, 50.0)
     with LocalCluster(workspace / "overhead", instances=8, policy="block",
                       engine=EngineFlags(time_scale=1.0)) as cluster:
@@ -45,7 +45,9 @@ def added_latency(workspace: Path, n: int) -> tuple[dict, dict]:
         asyncio.run(run_load(engines, short_requests(40, 50.0, 9), "Llama-2-7B"))  # warm connections
         direct = summarize(asyncio.run(run_load(engines, reqs, "Llama-2-7B")))
         routed = summarize(asyncio.run(run_load(cluster.scheduler_url, reqs, "Llama-2-7B")))
-    return direct, routed
+        cluster.set_policy("least_requests")
+        heuristic = summarize(asyncio.run(run_load(cluster.scheduler_url, reqs, "Llama-2-7B")))
+    return direct, routed, heuristic
 
 
 async def closed_loop(url: str, seconds: float, clients: int) -> tuple[int, int]:
@@ -109,7 +111,7 @@ def main() -> None:
     n = 300 if args.quick else 1500
     with tempfile.TemporaryDirectory() as tmp:
         ws = Path(tmp)
-        direct, routed = added_latency(ws, n)
+        direct, routed, heuristic = added_latency(ws, n)
         tput = throughput(ws, 4.0 if args.quick else 15.0)
         fidelity = live_vs_offline(ws, 60 if args.quick else 300, 3.0)
     lat = pd.DataFrame([
@@ -117,6 +119,8 @@ def main() -> None:
          "completed": direct["completed"], "failed": direct["failed"]},
         {"path": "scheduler + side-car (block)", "p50_ttft_ms": routed["median_ttft_ms"],
          "p99_ttft_ms": routed["p99_ttft_ms"], "completed": routed["completed"], "failed": routed["failed"]},
+        {"path": "scheduler + side-car (least_requests)", "p50_ttft_ms": heuristic["median_ttft_ms"],
+         "p99_ttft_ms": heuristic["p99_ttft_ms"], "completed": heuristic["completed"], "failed": heuristic["failed"]},
     ])
     added_p50 = routed["median_ttft_ms"] - direct["median_ttft_ms"]
     added_p99 = routed["p99_ttft_ms"] - direct["p99_ttft_ms"]

@@ -294,10 +294,11 @@ class SideCar:
         return {"instance": self.name, "predictions": preds, "signals": asdict(signals),
                 "engine_ok": self.engine_ok}
 
-    def state_json(self) -> dict:
+    def state_json(self, with_requests: bool = True) -> dict:
+        """The instance state; without requests (what a scheduler polls every 100 ms) it stays cheap."""
         state = self.tracker.state()
         t = self.tracker
-        return {"instance": self.name, "time_scale": t.time_scale, "state": asdict(state),
+        return {"instance": self.name, "time_scale": t.time_scale, "state": asdict(state) if with_requests else None,
                 "signals": asdict(LoadSignals.from_state(state, self.predictor.prior)),
                 "engine": {"running": t.engine_running, "waiting": t.engine_waiting, "kv_usage": t.kv_usage,
                            "preemptions": t.engine_preemptions, "ok": self.engine_ok, "error": self.engine_error}}
@@ -326,7 +327,8 @@ def build_app(car: SideCar) -> Starlette:
             return Response(err.body(), status_code=err.status, media_type="application/json")
 
     async def state(request: HttpRequest) -> Response:
-        return Response(orjson.dumps(car.state_json()), media_type="application/json")
+        brief = request.query_params.get("requests") == "0"
+        return Response(orjson.dumps(car.state_json(with_requests=not brief)), media_type="application/json")
 
     async def health(request: HttpRequest) -> Response:
         if car.engine_ok:

@@ -89,7 +89,8 @@ class Scheduler:
         assert self.client is not None
         started = time.monotonic()
         try:
-            async with self.client.get(inst.url + "/state", timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
+            async with self.client.get(inst.url + "/state?requests=0",
+                                       timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
                 resp.raise_for_status()
                 data = orjson.loads(await resp.read())
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
