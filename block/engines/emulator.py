@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from block import openai_api as oa
+from block.http import background
 from block.predictor.core import LengthPrior
 from block.prometheus import Histogram, render
 from simulator.engine import Engine, EngineConfig, Seq
@@ -216,11 +217,8 @@ def build_app(emu: EmulatedEngine, served_model: str) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        task = asyncio.create_task(emu.run())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with background(emu.run()):
+            yield
 
     return Starlette(routes=[
         Route("/v1/completions", v1_completions, methods=["POST"]),

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from block import openai_api as oa
 from block.events import EventSink
+from block.http import background, proxy_session
 from block.policies import LoadSignals
 from block.predictor.core import TARGETS, LengthPrior, Predictor
 from block.prometheus import Histogram, parse_label, parse_metrics, render
@@ -349,15 +350,10 @@ def build_app(car: SideCar) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        car.client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0), auto_decompress=False)
+        car.client = proxy_session()
         await car.sink.start()
-        task = asyncio.create_task(car.poll_engine())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with background(car.poll_engine()):
+            yield
         await car.sink.stop()
         await car.client.close()
 

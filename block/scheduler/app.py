@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from block import openai_api as oa
 from block.events import EventSink
+from block.http import background, proxy_session
 from block.policies import LoadSignals, Policy, make_policy
 from block.predictor.core import LengthPrior, Prediction
 from block.predictor.service import PREDICTED_HEADER
@@ -409,16 +410,11 @@ def build_app(sched: Scheduler) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        sched.client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0), auto_decompress=False)
+        sched.client = proxy_session()
         await sched.sink.start()
         await asyncio.gather(*(sched._poll_one(i) for i in list(sched.instances.values())))
-        task = asyncio.create_task(sched.poll_forever())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with background(sched.poll_forever()):
+            yield
         await sched.sink.stop()
         await sched.client.close()
 
