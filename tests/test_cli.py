@@ -20,3 +20,15 @@ def test_bad_input_is_a_clear_error(capsys):
     assert "known: " in capsys.readouterr().err
     assert main(["simulate", "--policy", "block@9", "--requests", "5"]) == 2
     assert "larger than the cluster" in capsys.readouterr().err
+
+
+def test_compare_and_capacity_in_ci_size(tmp_path, capsys):
+    out = tmp_path / "compare.csv"
+    assert main(["compare", "--preset", "demo", "--requests", "150", "--qps", "6,10", "--seeds", "0,1",
+                 "--policies", "least_requests,block", "--csv", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "least_requests" in text and "block" in text and out.read_text().count("\n") == 1 + 2 * 2 * 2
+    assert main(["capacity", "--preset", "demo", "--requests", "150", "--slo", "3", "--seeds", "0",
+                 "--policies", "round_robin,block", "--lo", "4", "--hi", "40"]) == 0
+    table = capsys.readouterr().out
+    assert "capacity_qps" in table and "honest" in table

@@ -15,6 +15,11 @@ A cluster file (TOML):
     name = "a0"; host = "gpu-a"; engine = "emulator"; engine_port = 8100; sidecar_port = 8200
     flags = ["--gpu", "A30", "--time-scale", "4"]
 
+    [[instances]]
+    name = "a1"; host = "gpu-a"; engine = "vllm"; model = "/models/llama-2-7b-chat"; engine_port = 8101
+    sidecar_port = 8201; predictor_model = "Llama-2-7B"; flags = ["--max-num-seqs", "48"]
+    sidecar_flags = ["--gpu", "A30", "--max-num-seqs", "48"]
+
     [scheduler]
     host = "gpu-a"; port = 8000; policy = "block"
 
@@ -34,7 +39,7 @@ from pathlib import Path
 
 import aiohttp
 
-ENGINES = {"emulator": "block.engines.emulator"}  # vLLM adapter: not in this build yet
+ENGINES = {"emulator": "block.engines.emulator", "vllm": "block.engines.vllm"}
 
 
 @dataclass
@@ -61,8 +66,10 @@ class InstanceSpec:
     engine: str = "emulator"
     engine_port: int = 8100
     sidecar_port: int = 8200
-    model: str = "Llama-2-7B"
-    flags: list[str] = field(default_factory=list)  # engine flags, also given to the side-car
+    model: str = "Llama-2-7B"  # emulator: a model spec; vllm: the model directory to serve
+    flags: list[str] = field(default_factory=list)  # engine flags (also the side-car's, for the emulator)
+    predictor_model: str | None = None  # the side-car's model spec (vllm instances; default: model)
+    sidecar_flags: list[str] | None = None  # the side-car's flags (default: flags)
 
 
 @dataclass
@@ -257,7 +264,8 @@ class Cluster:
         car = await self._start(f"{inst.name}-sidecar", inst.host, inst.sidecar_port, "block.predictor.service",
                                 ["--name", inst.name, "--engine-url", self.url(inst.host, inst.engine_port),
                                  "--collector-url", self.collector_url, "--run-id", self.run_id,
-                                 "--model", inst.model, *inst.flags])
+                                 "--model", inst.predictor_model or inst.model,
+                                 *(inst.flags if inst.sidecar_flags is None else inst.sidecar_flags)])
         return [engine, car]
 
     async def start(self) -> None:
