@@ -77,9 +77,13 @@ def test_client_disconnect_cancels_the_request():
     with serve(build_app(emu, "llama")) as u, httpx.stream(
             "POST", u + "/v1/completions", json={"model": "llama", "prompt": "a", "max_tokens": 2000,
                                                  "ignore_eos": True, "stream": True}, timeout=10) as r:
-        for _ in r.iter_raw():
-            break
-        assert emu.engine.num_running == 1
+        chunks = r.iter_raw()  # keep the iterator alive: dropping it would close the stream (a disconnect)
+        while not next(chunks):
+            pass
+        deadline = time.monotonic() + 5
+        while emu.engine.num_running != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert emu.engine.num_running == 1 and emu.aborted_total == 0
     deadline = time.monotonic() + 5
     while emu.engine.num_running and time.monotonic() < deadline:
         time.sleep(0.05)

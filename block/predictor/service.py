@@ -294,8 +294,7 @@ class SideCar:
             requests.append(Request(-1 - i, state.clock, p, 1, est))
         scale = self.tracker.time_scale
         preds = []
-        for r in requests:
-            p = self.predictor.predict(state, r, target=target, instance=self.name)
+        for p in self.predictor.predict_many(state, requests, target=target, instance=self.name):
             d = p.to_dict()
             for key in ("ttft", "e2e", "queueing", "added_delay", "state_age"):
                 d[key] = d[key] / scale
