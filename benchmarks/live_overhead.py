@@ -108,12 +108,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    n = 300 if args.quick else 1500
+    n = 200 if args.quick else 1500
     with tempfile.TemporaryDirectory() as tmp:
         ws = Path(tmp)
         direct, routed, heuristic = added_latency(ws, n)
-        tput = throughput(ws, 4.0 if args.quick else 15.0)
-        fidelity = live_vs_offline(ws, 60 if args.quick else 300, 3.0)
+        tput = throughput(ws, 3.0 if args.quick else 15.0)
+        fidelity = live_vs_offline(ws, 40 if args.quick else 300, 3.0)
     lat = pd.DataFrame([
         {"path": "direct to engines", "p50_ttft_ms": direct["median_ttft_ms"], "p99_ttft_ms": direct["p99_ttft_ms"],
          "completed": direct["completed"], "failed": direct["failed"]},
