@@ -140,6 +140,14 @@ def calibrate(spec: ClusterSpec, noise: float, trace: Trace, seed: int = 0) -> C
     return model
 
 
+def _world_and_predictor(spec: ClusterSpec, honesty: Honesty, prior: LengthPrior,
+                         calibration_trace: Trace) -> tuple[TimingModel, Predictor]:
+    """The world's timing model, and the predictor that may only know a calibrated one (unless oracle)."""
+    world = spec.world_timing()
+    timing = world if honesty.oracle_timing else calibrate(spec, honesty.noise, calibration_trace)
+    return world, Predictor(timing, prior)
+
+
 @dataclass
 class SimCandidate:
     """An instance as the router sees it offline: a (possibly stale) state plus its own dispatches."""
@@ -234,9 +242,7 @@ def run_policy(
                              "or use oracle lengths (labelled oracle)")
         reqs = [dataclasses.replace(r, predicted_output_tokens=int(e)) for r, e in zip(reqs, estimates, strict=True)]
     cfg = spec.engine_config()
-    world = spec.world_timing()
-    timing: TimingModel = world if honesty.oracle_timing else calibrate(spec, honesty.noise, calibration_trace)
-    predictor = Predictor(timing, prior)
+    world, predictor = _world_and_predictor(spec, honesty, prior, calibration_trace)
     router = SimRouter(policy, predictor, honesty.state_interval)
     engines = [Engine(cfg, world, noise=honesty.noise, seed=seed * 1000 + i, name=f"instance-{i}")
                for i in range(spec.instances)]
@@ -340,9 +346,7 @@ def run_provisioning(spec: ClusterSpec, requests: Sequence[Request], config: Pro
     """One provisioning mode on one workload: latency, SLO violations, cost and actions."""
     honesty = honesty or Honesty()
     cfg = spec.engine_config()
-    world = spec.world_timing()
-    timing: TimingModel = world if honesty.oracle_timing else calibrate(spec, honesty.noise, calibration_trace)
-    predictor = Predictor(timing, prior)
+    world, predictor = _world_and_predictor(spec, honesty, prior, calibration_trace)
     router = SimRouter(make_policy(policy, seed=seed), predictor, honesty.state_interval)
     counter = iter(range(10**6))
 

@@ -35,9 +35,7 @@ class LoadSignals:
         running = waiting = used = tokens = queued = 0
         for r in state.requests:
             used += r.allocated_blocks
-            p = r.predicted_output_tokens
-            left = p - r.generated_tokens if p is not None and p > r.generated_tokens else prior.remaining(
-                r.generated_tokens)
+            left = prior.expected_remaining(r.generated_tokens, r.predicted_output_tokens)
             tokens += r.prompt_tokens + r.generated_tokens - r.computed_tokens + left
             if r.phase == "running":
                 running += 1

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from block.predictor.core import Predictor
+from block.predictor.core import LengthPrior, Predictor
 from simulator.engine import InstanceState
 from simulator.workload import Request
 
@@ -243,11 +243,12 @@ class Provisioner:
 
     def _soonest_done(self, ready: list[InstanceView]) -> list[str]:
         """Instances by how soon their in-flight work is predicted to finish (fewest remaining tokens)."""
+        prior = self.predictor.prior if self.predictor else LengthPrior.embedded()
+
         def remaining(inst: InstanceView) -> float:
             if inst.state is None:
                 return math.inf
-            prior_median = self.predictor.prior.median if self.predictor else self.config.typical_output
-            return sum(max(1, (r.predicted_output_tokens or prior_median) - r.generated_tokens)
-                       + r.prompt_tokens - r.computed_tokens for r in inst.state.requests)
+            return sum(prior.expected_remaining(r.generated_tokens, r.predicted_output_tokens)
+                       + r.prompt_tokens + r.generated_tokens - r.computed_tokens for r in inst.state.requests)
 
         return [i.name for i in sorted(ready, key=remaining)]

@@ -68,6 +68,13 @@ class LengthPrior:
         z = np.array([NormalDist().inv_cdf(x) for x in q])
         return cls(np.clip(np.exp(np.log(317) + 0.55 * z), 1, 4096).astype(np.int64), "embedded")
 
+    def expected_remaining(self, generated: int, predicted: int | None) -> int:
+        """Tokens still to come for a request: its estimate while it has not outlived it, else the
+        conditional remainder. One definition for forks, load signals and provisioning."""
+        if predicted is not None and predicted > generated:
+            return predicted - generated
+        return self.remaining(generated)
+
     def sample(self, rng: random.Random) -> int:
         return self._sorted[rng.randrange(len(self._sorted))]
 
@@ -93,9 +100,7 @@ class Predictor:
         out = {}
         max_len = state.config.max_model_len
         for r in state.requests:
-            p = r.predicted_output_tokens
-            if p is None or p <= r.generated_tokens:
-                p = r.generated_tokens + self.prior.remaining(r.generated_tokens)
+            p = r.generated_tokens + self.prior.expected_remaining(r.generated_tokens, r.predicted_output_tokens)
             out[r.id] = max(r.generated_tokens + 1, min(p, max_len - r.prompt_tokens))
         return out
 
