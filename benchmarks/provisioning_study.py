@@ -10,16 +10,16 @@ into the predictors). Honest mode: the controller's predictor has calibrated tim
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
 import pandas as pd
 
 from block.offline import get_preset, lengths_source, run_provisioning, trace_workload
 from block.provisioner import ProvisionerConfig
 from simulator.data import data_dir
-from simulator.workload import Request
+from simulator.workload import Request, rate_arrivals
 
 FIXED_SIZE = 7
 
@@ -37,16 +37,12 @@ def ramp_rate(t: float) -> float:
 
 
 def ramp_workload(trace, seed: int = 0, duration: float = 1100.0) -> list[Request]:
-    """A Poisson process with the ramp's rate (by thinning), lengths drawn from the trace."""
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    while True:
-        t += rng.expovariate(30.0)
-        if t >= duration:
-            return out
-        if rng.random() < ramp_rate(t) / 30.0:
-            j = rng.randrange(len(trace))
-            out.append(Request(len(out), t, int(trace.prompt_tokens[j]), int(trace.output_tokens[j])))
+    """A Poisson process with the ramp's rate, lengths drawn from the trace."""
+    rng = np.random.default_rng(seed)
+    arrivals = rate_arrivals(ramp_rate, duration, 30.0, rng)
+    idx = rng.integers(0, len(trace), len(arrivals))
+    return [Request(i, float(a), int(trace.prompt_tokens[j]), int(trace.output_tokens[j]))
+            for i, (a, j) in enumerate(zip(arrivals, idx, strict=True))]
 
 
 def run(job: tuple) -> dict:

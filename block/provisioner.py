@@ -213,10 +213,13 @@ class Provisioner:
                 scale_in_value, spare = v, spare + 1
         if value > hi:
             self.low_since = None
-            add = min(want, cfg.max_instances) - n
+            # draining instances still hold a GPU until their work is done: they count against the maximum
+            occupied = len(obs.instances)
+            add = min(want - n, cfg.max_instances - occupied)
             if add <= 0:
-                record("hold", None, f"at max_instances {cfg.max_instances}" if n >= cfg.max_instances
-                       else f"{len(starting)} instance(s) starting cover it", signal, value, hi)
+                record("hold", None, f"at max_instances {cfg.max_instances} ({occupied - n} draining)"
+                       if occupied >= cfg.max_instances else f"{len(starting)} instance(s) starting cover it",
+                       signal, value, hi)
             elif obs.now - self.last_out < cfg.cooldown_out:
                 record("hold", None, "scale-out cooldown", signal, value, hi)
             else:

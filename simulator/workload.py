@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -96,6 +97,19 @@ class Trace:
 
 def poisson_arrivals(n: int, qps: float, rng: np.random.Generator) -> np.ndarray:
     return gamma_arrivals(n, qps, 1.0, rng)
+
+
+def rate_arrivals(rate: Callable[[float], float], duration: float, max_rate: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """A Poisson process whose rate follows ``rate(t)`` (<= max_rate), by thinning: ramps and steps."""
+    if max_rate <= 0:
+        raise ValueError(f"max_rate must be > 0, got {max_rate}")
+    times = np.cumsum(rng.exponential(1.0 / max_rate, size=int(max_rate * duration * 1.2) + 16))
+    while times[-1] < duration:
+        times = np.concatenate([times, times[-1] + np.cumsum(rng.exponential(1.0 / max_rate, size=len(times)))])
+    times = times[times < duration]
+    keep = rng.random(len(times)) < np.array([rate(t) for t in times]) / max_rate
+    return times[keep]
 
 
 def gamma_arrivals(n: int, qps: float, cv: float, rng: np.random.Generator) -> np.ndarray:

@@ -11,7 +11,7 @@ from block.provisioner import InstanceView, Observation, Provisioner, Provisione
 from simulator.engine import EngineConfig, InstanceState
 from simulator.hardware import get_gpu, get_model
 from simulator.timing import Roofline
-from simulator.workload import Request
+from simulator.workload import Request, rate_arrivals
 from workbench.autoscale import LiveAutoscaler
 from workbench.loadgen import run_load
 from workbench.local import EngineFlags, LocalCluster
@@ -56,11 +56,7 @@ def test_offline_predictive_beats_reactive_on_a_ramp(data_dir):
     trace, prior = lengths_source("alpaca", 0)
     rng = np.random.default_rng(0)
     rate = lambda t: 4.0 if t < 60 or t > 420 else 4.0 + 10.0 * min(1.0, (t - 60) / 120)  # noqa: E731
-    arr, t = [], 0.0
-    while t < 500:
-        t += rng.exponential(1 / 14)
-        if rng.random() < rate(t) / 14:
-            arr.append(t)
+    arr = rate_arrivals(rate, 500.0, 14.0, rng)
     reqs = [Request(i, a, int(trace.prompt_tokens[j]), int(trace.output_tokens[j]))
             for i, (a, j) in enumerate(zip(arr, rng.integers(0, len(trace), len(arr)), strict=True))]
     out = {}
