@@ -108,8 +108,10 @@ def rate_arrivals(rate: Callable[[float], float], duration: float, max_rate: flo
     while times[-1] < duration:
         times = np.concatenate([times, times[-1] + np.cumsum(rng.exponential(1.0 / max_rate, size=len(times)))])
     times = times[times < duration]
-    keep = rng.random(len(times)) < np.array([rate(t) for t in times]) / max_rate
-    return times[keep]
+    rates = np.array([rate(t) for t in times])
+    if rates.size and (rates.max() > max_rate or rates.min() < 0):
+        raise ValueError(f"rate(t) must stay within [0, max_rate={max_rate}], got [{rates.min()}, {rates.max()}]")
+    return times[rng.random(len(times)) < rates / max_rate]
 
 
 def gamma_arrivals(n: int, qps: float, cv: float, rng: np.random.Generator) -> np.ndarray:

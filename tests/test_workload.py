@@ -90,3 +90,13 @@ def test_embedded_lengths_need_no_data():
     assert len(reqs) == 5000
     with pytest.raises(ValueError, match="no arrival times"):
         tr.requests()
+
+
+def test_rate_arrivals_follow_the_rate_and_refuse_a_rate_above_the_bound():
+    from simulator.workload import rate_arrivals
+
+    t = rate_arrivals(lambda x: 2.0 if x < 500 else 8.0, 1000.0, 10.0, np.random.default_rng(0))
+    assert np.count_nonzero(t < 500) / 500 == pytest.approx(2.0, rel=0.1)
+    assert np.count_nonzero(t >= 500) / 500 == pytest.approx(8.0, rel=0.1)
+    with pytest.raises(ValueError, match="max_rate"):
+        rate_arrivals(lambda x: 20.0, 10.0, 10.0, np.random.default_rng(0))
