@@ -17,7 +17,8 @@ A cluster file (TOML):
 
     [[instances]]
     name = "a1"; host = "gpu-a"; engine = "vllm"; model = "/models/llama-2-7b-chat"; engine_port = 8101
-    sidecar_port = 8201; predictor_model = "Llama-2-7B"; flags = ["--max-num-seqs", "48"]
+    sidecar_port = 8201; served_model_name = "llama-2-7b"; predictor_model = "Llama-2-7B"
+    flags = ["--max-num-seqs", "48"]; env = { CUDA_VISIBLE_DEVICES = "1" }
     sidecar_flags = ["--gpu", "A30", "--max-num-seqs", "48"]
 
     [scheduler]
@@ -67,9 +68,15 @@ class InstanceSpec:
     engine_port: int = 8100
     sidecar_port: int = 8200
     model: str = "Llama-2-7B"  # emulator: a model spec; vllm: the model directory to serve
+    served_model_name: str | None = None  # the model id clients send (default: model)
     flags: list[str] = field(default_factory=list)  # engine flags (also the side-car's, for the emulator)
+    env: dict[str, str] = field(default_factory=dict)  # engine environment (CUDA_VISIBLE_DEVICES, VLLM_*)
     predictor_model: str | None = None  # the side-car's model spec (vllm instances; default: model)
     sidecar_flags: list[str] | None = None  # the side-car's flags (default: flags)
+
+    @property
+    def served(self) -> str:
+        return self.served_model_name or self.model
 
 
 @dataclass
@@ -168,9 +175,13 @@ class Host:
             raise RuntimeError(f"host {self.spec.name}: `{command}` exited {status}: {text.strip()[-500:]}")
         return text
 
-    async def spawn(self, args: list[str], log: str) -> int:
-        """Start a detached process in the host's workdir, its output in ``log``; return its pid."""
-        cmd = " ".join(shlex.quote(a) for a in args)
+    async def spawn(self, args: list[str], log: str, env: dict[str, str] | None = None) -> int:
+        """Start a detached process in the host's workdir, its output in ``log``; return its pid.
+
+        ``env`` is applied by env(1), which like nohup execs the service: the recorded pid stays its own.
+        """
+        settings = [f"{k}={v}" for k, v in (env or {}).items()]
+        cmd = " ".join(shlex.quote(a) for a in (["env", *settings] if settings else []) + args)
         wd = shlex.quote(self.spec.workdir)
         out = await self.run(f"cd {wd} && mkdir -p logs && (nohup {cmd} > {shlex.quote(log)} 2>&1 < /dev/null & "
                              "echo $!)")
@@ -210,8 +221,12 @@ class Started:
 class Cluster:
     """Start, watch and stop a cluster described by a ClusterSpec, from a notebook (async API)."""
 
-    def __init__(self, spec: ClusterSpec, *, run_id: str = "workbench", admin_token: str | None = None):
+    def __init__(self, spec: ClusterSpec, *, run_id: str = "workbench", admin_token: str | None = None,
+                 ready_timeout: float = 600.0):
+        """``ready_timeout`` bounds a service that neither becomes healthy nor exits: a real vLLM loading a
+        large model takes minutes, and one that crashes is noticed at once by its pid."""
         self.spec = spec
+        self.ready_timeout = ready_timeout
         self.run_id = run_id
         self.admin_token = admin_token or secrets.token_hex(16)
         self.hosts = {name: Host(h) for name, h in spec.hosts.items()}
@@ -233,15 +248,18 @@ class Cluster:
         address = self.spec.host(host).address
         return "127.0.0.1" if address in ("localhost", "local") else address
 
-    async def _start(self, name: str, host: str, port: int, module: str, args: list[str]) -> Started:
+    async def _start(self, name: str, host: str, port: int, module: str, args: list[str],
+                     env: dict[str, str] | None = None) -> Started:
         h = self.hosts[host]
         log = f"logs/{name}.log"
-        pid = await h.spawn([h.spec.python, "-m", module, "--host", self._bind(host), "--port", str(port), *args], log)
+        pid = await h.spawn([h.spec.python, "-m", module, "--host", self._bind(host), "--port", str(port), *args], log,
+                            env)
         svc = Started(name, host, pid, port, log)
         self.started[name] = svc
         return svc
 
-    async def _wait_ready(self, services: list[Started], timeout: float = 90.0) -> None:
+    async def _wait_ready(self, services: list[Started]) -> None:
+        timeout = self.ready_timeout
         async with aiohttp.ClientSession() as http:
             for svc in services:
                 url = self.url(svc.host, svc.port) + "/health"
@@ -260,7 +278,8 @@ class Cluster:
 
     async def _start_instance(self, inst: InstanceSpec) -> list[Started]:
         engine = await self._start(f"{inst.name}-engine", inst.host, inst.engine_port, ENGINES[inst.engine],
-                                   ["--name", inst.name, "--model", inst.model, *inst.flags])
+                                   ["--name", inst.name, "--model", inst.model, "--served-model-name", inst.served,
+                                    *inst.flags], inst.env)
         car = await self._start(f"{inst.name}-sidecar", inst.host, inst.sidecar_port, "block.predictor.service",
                                 ["--name", inst.name, "--engine-url", self.url(inst.host, inst.engine_port),
                                  "--collector-url", self.collector_url, "--run-id", self.run_id,
@@ -280,7 +299,7 @@ class Cluster:
             s = self.spec.scheduler
             args = ["--policy", s.policy, "--admin-token", self.admin_token, "--collector-url", self.collector_url,
                     "--run-id", self.run_id]
-            models = sorted({i.model for i in self.spec.instances})
+            models = sorted({i.served for i in self.spec.instances})
             for m in models:
                 args += ["--served-model-name", m]
             for inst in self.spec.instances:

@@ -69,6 +69,7 @@ async def _one(client: aiohttp.ClientSession, url: str, model: str, req: Request
     body = {"model": model, "prompt": prompt_of(req.prompt_tokens), "max_tokens": req.output_tokens,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     last = None
+    counted = None
     try:
         async with client.post(url, data=orjson.dumps(body),
                                headers={"content-type": "application/json", "x-request-id": rec.request_id}) as resp:
@@ -88,6 +89,9 @@ async def _one(client: aiohttp.ClientSession, url: str, model: str, req: Request
                     if "error" in obj:
                         rec.status, rec.error = "error", str(obj["error"].get("message"))
                         continue
+                    usage = obj.get("usage")
+                    if usage and usage.get("completion_tokens") is not None:
+                        counted = usage["completion_tokens"]  # tokens that decode to no text count too
                     for choice in obj.get("choices") or ():
                         text = choice.get("text") or (choice.get("delta") or {}).get("content")
                         if text:
@@ -99,6 +103,8 @@ async def _one(client: aiohttp.ClientSession, url: str, model: str, req: Request
                             last = now
                             rec.output_tokens += 1
         rec.finish_ts = time.time()
+        if counted is not None:
+            rec.output_tokens = counted
         if rec.status == "pending":
             rec.status = "ok"
     except (aiohttp.ClientError, TimeoutError) as exc:
