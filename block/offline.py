@@ -174,15 +174,33 @@ class SimCandidate:
         return self.predictions[target]
 
 
-class SimRouter:
-    """Adapts a Policy to the simulator's router callback, with stale states and a decision log."""
+def counterfactual(engine: Engine, request: Request, now: float, horizon: float) -> tuple[float, float]:
+    """TTFT and E2E the request would have had on this world engine had it been sent there at ``now``
+    and nothing arrived after it: true lengths, true (noise-free) timing. Audit only; no policy sees it."""
+    fork = engine.fork()
+    fork.advance(now)
+    seq = fork.add_request(dataclasses.replace(request, arrival=now))
+    fork.run_for(seq, first_token_only=False, limit=now + horizon)
+    first = seq.first_token if seq.first_token is not None else fork.now
+    finish = seq.finish_time if seq.finish_time is not None else fork.now
+    return first - now, finish - now
 
-    def __init__(self, policy: Policy, predictor: Predictor, state_interval: float):
+
+class SimRouter:
+    """Adapts a Policy to the simulator's router callback, with stale states and a decision log.
+
+    With ``audit_every`` = k, every k-th decision is audited after it is made: every candidate's honest
+    prediction next to its counterfactual outcome, so rank accuracy of the choice can be measured.
+    """
+
+    def __init__(self, policy: Policy, predictor: Predictor, state_interval: float, audit_every: int = 0):
         self.policy = policy
         self.predictor = predictor
         self.state_interval = state_interval
+        self.audit_every = audit_every
         self._views: dict[str, tuple[float, InstanceState, list[Request]]] = {}
         self.decisions: list[dict] = []
+        self.audit: list[dict] = []
         self.decision_seconds = 0.0
 
     def __call__(self, request: Request, instances: Sequence[Instance], now: float) -> str:
@@ -195,7 +213,6 @@ class SimRouter:
                 self._views[inst.name] = view
             candidates.append(SimCandidate(inst.name, view[1], view[2], self.predictor, now))
         choice = self.policy.choose(request, candidates)
-        self._views[choice][2].append(request)
         chosen = next(c for c in candidates if c.name == choice)
         pred = chosen.predictions.get("e2e") or chosen.predictions.get("ttft")
         self.decisions.append({
@@ -205,7 +222,19 @@ class SimRouter:
             "candidates_predicted": sum(bool(c.predictions) for c in candidates),
         })
         self.decision_seconds += time.perf_counter() - t0
+        if self.audit_every and (len(self.decisions) - 1) % self.audit_every == 0:
+            self._audit(request, instances, candidates, choice, now)
+        self._views[choice][2].append(request)
         return choice
+
+    def _audit(self, request: Request, instances: Sequence[Instance], candidates: Sequence[SimCandidate],
+               choice: str, now: float) -> None:
+        for inst, cand in zip(instances, candidates, strict=True):
+            pred = cand.prediction(request, "e2e")
+            ttft, e2e = counterfactual(inst.engine, request, now, self.predictor.horizon_s)
+            self.audit.append({"request_id": request.id, "instance": inst.name, "chosen": inst.name == choice,
+                               "predicted_ttft": pred.ttft, "predicted_e2e": pred.e2e,
+                               "oracle_ttft": ttft, "oracle_e2e": e2e})
 
 
 @dataclass
@@ -213,6 +242,7 @@ class RunResult:
     records: pd.DataFrame
     decisions: pd.DataFrame
     summary: dict
+    audit: pd.DataFrame = field(default_factory=pd.DataFrame)  # SimRouter's audit rows, if asked for
 
 
 def run_policy(
@@ -227,6 +257,7 @@ def run_policy(
     power_of_k: int | None = None,
     length_estimator: Callable[[Sequence[Request]], list[int]] | None = None,
     progress: Callable[[int], None] | None = None,
+    audit_every: int = 0,
 ) -> RunResult:
     """Simulate one policy on one workload and return per-request records and a summary."""
     honesty = honesty or Honesty()
@@ -243,14 +274,14 @@ def run_policy(
         reqs = [dataclasses.replace(r, predicted_output_tokens=int(e)) for r, e in zip(reqs, estimates, strict=True)]
     cfg = spec.engine_config()
     world, predictor = _world_and_predictor(spec, honesty, prior, calibration_trace)
-    router = SimRouter(policy, predictor, honesty.state_interval)
+    router = SimRouter(policy, predictor, honesty.state_interval, audit_every)
     engines = [Engine(cfg, world, noise=honesty.noise, seed=seed * 1000 + i, name=f"instance-{i}")
                for i in range(spec.instances)]
     result = Cluster(engines, router).run(reqs, progress=progress)
     records = records_frame(result.finished)
     summary = summarize(records)
     summary["decision_ms_mean"] = router.decision_seconds / max(1, len(reqs)) * 1e3
-    return RunResult(records, pd.DataFrame(router.decisions), summary)
+    return RunResult(records, pd.DataFrame(router.decisions), summary, pd.DataFrame(router.audit))
 
 
 @dataclass
@@ -264,6 +295,7 @@ class Study:
     replay: bool = False  # replay the trace's own (time-scaled) arrivals instead of Poisson
     power_of_k: int | None = None
     length_estimator: Callable[[Sequence[Request]], list[int]] | None = None
+    audit_every: int = 0  # audit every k-th routing decision against counterfactuals (0: none)
 
     def __post_init__(self) -> None:
         self.trace, self.prior = lengths_source(self.lengths, 0)
@@ -276,7 +308,8 @@ class Study:
     def run(self, policy: str, qps: float, seed: int) -> RunResult:
         return run_policy(self.spec, policy, self.workload(qps, seed), prior=self.prior,
                           calibration_trace=self.trace, honesty=self.honesty, seed=seed,
-                          power_of_k=self.power_of_k, length_estimator=self.length_estimator)
+                          power_of_k=self.power_of_k, length_estimator=self.length_estimator,
+                          audit_every=self.audit_every)
 
 
 def compare(study: Study, policies: Sequence[str], qps_values: Sequence[float], seeds: Sequence[int],

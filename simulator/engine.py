@@ -551,6 +551,16 @@ class Engine:
             first_scheduled_time=s.first_scheduled, preemptions=s.preemptions,
         )
 
+    def fork(self) -> Engine:
+        """A noise-free copy of this engine as it is now, running every request to its own target.
+
+        For counterfactuals: in the world, "what if this request had come here" with true lengths and
+        true timing, the reference an honest prediction is judged against. Never give it to a predictor.
+        """
+        targets = {s.id: s.target for s in self.running.values()}
+        targets.update({s.id: s.target for s in self.waiting})
+        return Engine.restore(self.snapshot(), self.timing, targets, fast_path=self.fast_path, name=self.name)
+
     @classmethod
     def restore(cls, state: InstanceState, timing: TimingModel, targets: dict[int, int] | None = None,
                 **kwargs) -> Engine:

@@ -36,6 +36,9 @@ TABLES: dict[str, Table] = {
     "decisions": Table(_cols(
         "run_id VARCHAR, request_id VARCHAR, ts DOUBLE, policy VARCHAR, chosen VARCHAR, decision_ms DOUBLE,"
         "fallback BOOLEAN, predicted_ttft DOUBLE, predicted_e2e DOUBLE, candidates VARCHAR")),
+    "counterfactuals": Table(_cols(
+        "run_id VARCHAR, request_id VARCHAR, instance VARCHAR, chosen BOOLEAN, predicted_ttft DOUBLE,"
+        "predicted_e2e DOUBLE, oracle_ttft DOUBLE, oracle_e2e DOUBLE")),
     "instance_samples": Table(_cols(
         "run_id VARCHAR, ts DOUBLE, instance VARCHAR, running INTEGER, waiting INTEGER, kv_usage DOUBLE,"
         "preemptions INTEGER, tracked INTEGER")),

@@ -1,3 +1,4 @@
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -130,3 +131,22 @@ def test_offline_runs_are_deterministic_and_honest_mode_is_labelled():
     assert Honesty(oracle_timing=True).label == "oracle-timing"
     with pytest.raises(ValueError, match="needs length estimates"):
         study.run("block_star", 5.0, 0)
+
+
+def test_audit_counterfactuals_are_exact_with_an_all_knowing_predictor_and_match_the_world():
+    """With true lengths, world timing, no noise and fresh states, every audited prediction equals its
+    counterfactual, the choice is the best one, and the last request (nothing arrives after it)
+    finishes exactly when its counterfactual said."""
+    spec = dataclasses.replace(get_preset("paper"), instances=3)
+    oracle = Honesty(noise=0.0, state_interval=0.0, oracle_timing=True, oracle_lengths=True)
+    result = Study(spec, "synthetic", 120, oracle, audit_every=1).run("block_star", 8.0, seed=0)
+    audit = result.audit
+    assert len(audit) == 3 * 120 and audit.groupby("request_id").chosen.sum().eq(1).all()
+    assert (audit.predicted_e2e - audit.oracle_e2e).abs().max() < 1e-9
+    assert (audit.predicted_ttft - audit.oracle_ttft).abs().max() < 1e-9
+    chosen = audit[audit.chosen].set_index("request_id")
+    assert (chosen.oracle_e2e <= audit.groupby("request_id").oracle_e2e.min() + 1e-9).all()
+    last = result.records.sort_values("arrival").iloc[-1]
+    assert chosen.loc[last.request_id, "oracle_e2e"] == pytest.approx(last.e2e, rel=1e-9)
+    honest = Study(spec, "synthetic", 120, audit_every=10).run("block", 8.0, seed=0)
+    assert len(honest.audit) == 3 * 12 and (honest.audit.predicted_e2e - honest.audit.oracle_e2e).abs().max() > 0.1

@@ -8,10 +8,11 @@ from store.collector import Store
 
 
 def save_offline_run(store: Store, run_id: str, policy: str, records: pd.DataFrame,
-                     decisions: pd.DataFrame | None = None) -> int:
+                     decisions: pd.DataFrame | None = None, audit: pd.DataFrame | None = None) -> int:
     """Simulated per-request records (simulator.metrics.records_frame) as ``requests`` rows, source 'sim'.
 
-    Simulated times are seconds from the start of the run; they are stored as they are.
+    Simulated times are seconds from the start of the run; they are stored as they are. ``audit`` (a
+    RunResult's counterfactual audit) goes to ``counterfactuals``.
     """
     rows = [{"run_id": run_id, "request_id": str(r.request_id), "source": "sim", "instance": r.instance,
              "policy": policy, "arrival_ts": r.arrival, "first_token_ts": r.first_token, "finish_ts": r.finish,
@@ -26,4 +27,7 @@ def save_offline_run(store: Store, run_id: str, policy: str, records: pd.DataFra
                                     "policy": policy, "chosen": d.instance, "decision_ms": None, "fallback": False,
                                     "predicted_ttft": d.predicted_ttft, "predicted_e2e": d.predicted_e2e,
                                     "candidates": ""} for d in decisions.itertuples()])
+    if audit is not None and not audit.empty:
+        store.insert("counterfactuals", [{**row, "run_id": run_id, "request_id": str(row["request_id"])}
+                                         for row in audit.to_dict("records")])
     return len(rows)
