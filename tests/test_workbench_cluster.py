@@ -46,8 +46,22 @@ def test_cluster_files_are_checked():
         parse_cluster({**base, "instances": [{"name": "x", "host": "a", "engine": "tgi"}]})
     with pytest.raises(ValueError, match="needs a \\[scheduler\\]"):
         parse_cluster({"hosts": [{"name": "a"}]})
+    with pytest.raises(ValueError, match="env must be a table"):
+        parse_cluster({**base, "instances": [{"name": "x", "host": "a", "env": "CUDA_VISIBLE_DEVICES=1"}]})
     with pytest.raises(ValueError, match="bad hosts\\[0\\]"):
         parse_cluster({**base, "hosts": [{"name": "a", "colour": "red"}]})
+
+
+def test_the_documented_cluster_file_parses():
+    import textwrap
+    import tomllib
+
+    import workbench.cluster
+
+    example = textwrap.dedent(workbench.cluster.__doc__.split("A cluster file (TOML):\n", 1)[1])
+    spec = parse_cluster(tomllib.loads(example))
+    vllm = spec.instances[1]
+    assert (vllm.engine, vllm.served, vllm.env) == ("vllm", "llama-2-7b", {"CUDA_VISIBLE_DEVICES": "1"})
 
 
 def test_two_hosts_over_ssh_start_serve_and_stop_cleanly(tmp_path):

@@ -8,24 +8,44 @@ pids, never processes found by name.
 A cluster file (TOML):
 
     [[hosts]]
-    name = "gpu-a"; address = "10.0.0.5"; user = "me"; key_file = "~/.ssh/id_ed25519"
-    workdir = "/srv/block"; python = "/srv/block/.venv/bin/python"; gpus = 1
+    name = "gpu-a"
+    address = "10.0.0.5"
+    user = "me"
+    key_file = "~/.ssh/id_ed25519"
+    workdir = "/srv/block"
+    python = "/srv/block/.venv/bin/python"
+    gpus = 2
 
-    [[instances]]
-    name = "a0"; host = "gpu-a"; engine = "emulator"; engine_port = 8100; sidecar_port = 8200
+    [[instances]]                 # an emulated A30 next to ...
+    name = "a0"
+    host = "gpu-a"
+    engine = "emulator"
+    engine_port = 8100
+    sidecar_port = 8200
     flags = ["--gpu", "A30", "--time-scale", "4"]
 
-    [[instances]]
-    name = "a1"; host = "gpu-a"; engine = "vllm"; model = "/models/llama-2-7b-chat"; engine_port = 8101
-    sidecar_port = 8201; served_model_name = "llama-2-7b"; predictor_model = "Llama-2-7B"
-    flags = ["--max-num-seqs", "48"]; env = { CUDA_VISIBLE_DEVICES = "1" }
+    [[instances]]                 # ... a real vLLM on the second GPU, from its own venv
+    name = "a1"
+    host = "gpu-a"
+    engine = "vllm"
+    model = "/models/llama-2-7b-chat"
+    served_model_name = "llama-2-7b"
+    engine_port = 8101
+    sidecar_port = 8201
+    env = { CUDA_VISIBLE_DEVICES = "1" }
+    flags = ["--python", "/srv/vllm-venv/bin/python", "--max-num-seqs", "48"]
+    predictor_model = "Llama-2-7B"
     sidecar_flags = ["--gpu", "A30", "--max-num-seqs", "48"]
 
     [scheduler]
-    host = "gpu-a"; port = 8000; policy = "block"
+    host = "gpu-a"
+    port = 8000
+    policy = "block"
 
     [collector]
-    host = "gpu-a"; port = 8300; db = "block.duckdb"
+    host = "gpu-a"
+    port = 8300
+    db = "block.duckdb"
 """
 
 from __future__ import annotations
@@ -131,6 +151,8 @@ def parse_cluster(data: dict, where: str = "cluster") -> ClusterSpec:
             raise ValueError(f"{where}: instance {inst.name} is on unknown host {inst.host!r}")
         if inst.engine not in ENGINES:
             raise ValueError(f"{where}: instance {inst.name}: engine must be one of {sorted(ENGINES)}")
+        if not isinstance(inst.env, dict):
+            raise ValueError(f"{where}: instance {inst.name}: env must be a table of NAME = \"value\"")
     if "scheduler" not in data or "collector" not in data:
         raise ValueError(f"{where}: needs a [scheduler] and a [collector] table")
     spec = ClusterSpec(hosts, instances, build(ServiceSpec, data["scheduler"], "scheduler"),
