@@ -1,6 +1,7 @@
 """The cluster driver over a real SSH server on loopback, and on localhost without SSH."""
 
 import asyncio
+import os
 import sys
 
 import asyncssh
@@ -113,5 +114,30 @@ def test_localhost_uses_the_same_interface_without_ssh(tmp_path):
             await cluster.stop()
         host = Host(spec.host("a"))
         assert not any([await host.alive(p) for p in pids])
+
+    asyncio.run(go())
+
+
+def test_stop_also_ends_children_a_service_leaves_behind(tmp_path):
+    """A service killed by SIGTERM before it stops its children (as a stuck vLLM would leave its engine
+    core) does not leak them: they are in the service's own process group, which stop() ends."""
+    import psutil
+
+    from workbench.cluster import HostSpec
+
+    async def go():
+        host = Host(HostSpec("l", "localhost", workdir=str(tmp_path)))
+        pid = await host.spawn([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '60']); "
+                                "time.sleep(60)"], "logs/leaky.log")
+        for _ in range(100):
+            children = psutil.Process(pid).children()
+            if children:
+                break
+            await asyncio.sleep(0.05)
+        assert os.getpgid(pid) == pid and [c.name() for c in children] == ["sleep"]
+        await host.stop(pid)
+        await asyncio.sleep(0.2)
+        assert not await host.alive(pid)
+        assert not children[0].is_running() or children[0].status() == psutil.STATUS_ZOMBIE
 
     asyncio.run(go())

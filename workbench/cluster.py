@@ -200,10 +200,12 @@ class Host:
     async def spawn(self, args: list[str], log: str, env: dict[str, str] | None = None) -> int:
         """Start a detached process in the host's workdir, its output in ``log``; return its pid.
 
-        ``env`` is applied by env(1), which like nohup execs the service: the recorded pid stays its own.
+        setsid makes the service lead its own process group, so ``stop`` can also reach the children it
+        leaves behind (vLLM's engine core and workers). setsid, nohup and env(1) each exec the next
+        program, so the recorded pid is the service's own.
         """
         settings = [f"{k}={v}" for k, v in (env or {}).items()]
-        cmd = " ".join(shlex.quote(a) for a in (["env", *settings] if settings else []) + args)
+        cmd = " ".join(shlex.quote(a) for a in ["setsid", *(["env", *settings] if settings else []), *args])
         wd = shlex.quote(self.spec.workdir)
         out = await self.run(f"cd {wd} && mkdir -p logs && (nohup {cmd} > {shlex.quote(log)} 2>&1 < /dev/null & "
                              "echo $!)")
@@ -213,12 +215,14 @@ class Host:
         return (await self.run(f"kill -0 {pid} 2>/dev/null && echo yes || echo no", check=False)).strip() == "yes"
 
     async def stop(self, pid: int, timeout: float = 10.0) -> None:
+        """SIGTERM the service and give it ``timeout`` to shut down its own children; then SIGKILL what is
+        left of its process group (the service, or children it failed to stop)."""
         await self.run(f"kill -TERM {pid} 2>/dev/null || true", check=False)
         for _ in range(int(timeout / 0.2)):
             if not await self.alive(pid):
-                return
+                break
             await asyncio.sleep(0.2)
-        await self.run(f"kill -KILL {pid} 2>/dev/null || true", check=False)
+        await self.run(f"kill -KILL -{pid} 2>/dev/null || true", check=False)  # dash has no `--`
 
     async def tail(self, log: str, lines: int = 100) -> str:
         wd = shlex.quote(self.spec.workdir)
