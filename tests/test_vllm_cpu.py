@@ -47,8 +47,7 @@ def cluster_spec(workdir: Path, model: Path):
                        "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
                                "VLLM_CPU_OMP_THREADS_BIND": "nobind"},
                        "predictor_model": "Llama-2-7B",
-                       "sidecar_flags": ["--gpu", "L4", "--max-num-seqs", str(MAX_NUM_SEQS),
-                                         "--max-num-batched-tokens", "512"]}],
+                       "sidecar_flags": ["--gpu", "L4"]}],
         "scheduler": {"host": "cpu", "port": free_port(), "policy": "block"},
         "collector": {"host": "cpu", "port": free_port(), "db": str(workdir / "block.duckdb")}})
 
@@ -88,7 +87,10 @@ def test_sidecar_in_front_of_real_vllm_sees_what_vllm_sees(tmp_path):
                 async with http.get(engine_url + "/metrics") as r:
                     block_size = parse_label(await r.text(), "vllm:cache_config_info", "block_size")
                 async with http.get(car_url + "/state") as r:
-                    assert (await r.json())["state"]["config"]["block_size"] == int(block_size)
+                    config = (await r.json())["state"]["config"]
+                # the KV block size from vLLM's metrics, the limits from the engine flags
+                assert (config["block_size"], config["max_num_seqs"], config["max_model_len"]) == (
+                    int(block_size), MAX_NUM_SEQS, 512)
                 load = asyncio.ensure_future(run_load(
                     cluster.scheduler_url, [Request(i, 0.0, 8, out_tokens) for i in range(n_requests)], "tiny"))
                 samples = []

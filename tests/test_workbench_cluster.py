@@ -63,6 +63,18 @@ def test_the_documented_cluster_file_parses():
     spec = parse_cluster(tomllib.loads(example))
     vllm = spec.instances[1]
     assert (vllm.engine, vllm.served, vllm.env) == ("vllm", "llama-2-7b", {"CUDA_VISIBLE_DEVICES": "1"})
+    assert vllm.sidecar_args() == ["--max-num-seqs", "48", "--gpu", "A30"]
+    assert spec.instances[0].sidecar_args() == spec.instances[0].flags
+
+
+def test_a_vllm_sidecar_shares_the_engine_limits_and_nothing_else():
+    inst = parse_cluster({
+        "hosts": [{"name": "a"}], "scheduler": {"host": "a", "port": 1}, "collector": {"host": "a", "port": 2},
+        "instances": [{"name": "v", "host": "a", "engine": "vllm", "model": "/m", "sidecar_flags": ["--gpu", "L4"],
+                       "flags": ["--python", "/v/bin/python", "--max-num-seqs", "8", "--dtype", "half",
+                                 "--max-num-batched-tokens=1024", "--max-model-len", "2048"]}]}).instances[0]
+    assert inst.sidecar_args() == ["--max-num-seqs", "8", "--max-num-batched-tokens=1024", "--max-model-len", "2048",
+                                   "--gpu", "L4"]
 
 
 def test_two_hosts_over_ssh_start_serve_and_stop_cleanly(tmp_path):

@@ -35,7 +35,7 @@ A cluster file (TOML):
     env = { CUDA_VISIBLE_DEVICES = "1" }
     flags = ["--python", "/srv/vllm-venv/bin/python", "--max-num-seqs", "48"]
     predictor_model = "Llama-2-7B"
-    sidecar_flags = ["--gpu", "A30", "--max-num-seqs", "48"]
+    sidecar_flags = ["--gpu", "A30"]  # and the limits it shares with the engine: see sidecar_args
 
     [scheduler]
     host = "gpu-a"
@@ -61,6 +61,9 @@ from pathlib import Path
 import aiohttp
 
 ENGINES = {"emulator": "block.engines.emulator", "vllm": "block.engines.vllm"}
+# Scheduler limits that vLLM and the side-car spell alike: a vLLM instance's side-car takes them from the
+# engine flags, since vLLM's /metrics reports its KV cache but not these.
+SHARED_LIMITS = ("--max-num-seqs", "--max-num-batched-tokens", "--max-model-len")
 
 
 @dataclass
@@ -92,11 +95,23 @@ class InstanceSpec:
     flags: list[str] = field(default_factory=list)  # engine flags (also the side-car's, for the emulator)
     env: dict[str, str] = field(default_factory=dict)  # engine environment (CUDA_VISIBLE_DEVICES, VLLM_*)
     predictor_model: str | None = None  # the side-car's model spec (vllm instances; default: model)
-    sidecar_flags: list[str] | None = None  # the side-car's flags (default: flags)
+    sidecar_flags: list[str] | None = None  # the side-car's own flags (see sidecar_args)
 
     @property
     def served(self) -> str:
         return self.served_model_name or self.model
+
+    def sidecar_args(self) -> list[str]:
+        """The side-car's flags: an emulator's own flags (unless sidecar_flags); for vLLM, the limits it
+        shares with the engine, then sidecar_flags (a later flag wins, so those can override)."""
+        if self.engine == "emulator":
+            return list(self.flags if self.sidecar_flags is None else self.sidecar_flags)
+        shared: list[str] = []
+        for i, flag in enumerate(self.flags):
+            name, eq, _ = flag.partition("=")
+            if name in SHARED_LIMITS:
+                shared += [flag] if eq else self.flags[i:i + 2]
+        return shared + list(self.sidecar_flags or [])
 
 
 @dataclass
@@ -309,8 +324,7 @@ class Cluster:
         car = await self._start(f"{inst.name}-sidecar", inst.host, inst.sidecar_port, "block.predictor.service",
                                 ["--name", inst.name, "--engine-url", self.url(inst.host, inst.engine_port),
                                  "--collector-url", self.collector_url, "--run-id", self.run_id,
-                                 "--model", inst.predictor_model or inst.model,
-                                 *(inst.flags if inst.sidecar_flags is None else inst.sidecar_flags)])
+                                 "--model", inst.predictor_model or inst.model, *inst.sidecar_args()])
         return [engine, car]
 
     async def start(self) -> None:

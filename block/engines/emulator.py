@@ -236,13 +236,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-blocks", type=int, help="KV blocks (default: sized from GPU memory)")
     p.add_argument("--max-num-seqs", type=int, default=48)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's context)")
     p.add_argument("--time-scale", type=float, default=1.0, help="emulated GPU speed-up over real time")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     gpu, model = get_gpu(args.gpu), get_model(args.model)
     return EngineConfig(num_blocks=args.num_blocks or num_kv_blocks(gpu, model), max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=model.max_context)
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_model_len=args.max_model_len or model.max_context)
 
 
 def main(argv: list[str] | None = None) -> None:
