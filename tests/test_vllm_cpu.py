@@ -119,4 +119,11 @@ def test_sidecar_in_front_of_real_vllm_sees_what_vllm_sees(tmp_path):
     decisions = Reader(db_path=tmp_path / "block.duckdb").sql(
         "SELECT count(*) AS n, count(*) FILTER (WHERE chosen = 'v0') AS v0 FROM decisions").iloc[0]
     assert decisions["n"] == decisions["v0"] == n_requests
-    assert not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not [p for p in family if _running(p)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -1,6 +1,7 @@
 """The cluster driver over a real SSH server on loopback, and on localhost without SSH."""
 
 import asyncio
+import contextlib
 import os
 import sys
 
@@ -150,6 +151,7 @@ def test_stop_also_ends_children_a_service_leaves_behind(tmp_path):
         await host.stop(pid)
         await asyncio.sleep(0.2)
         assert not await host.alive(pid)
-        assert not children[0].is_running() or children[0].status() == psutil.STATUS_ZOMBIE
+        with contextlib.suppress(psutil.NoSuchProcess):  # gone, or a zombie waiting for its reaper
+            assert children[0].status() == psutil.STATUS_ZOMBIE
 
     asyncio.run(go())
