@@ -50,3 +50,21 @@ class Reader:
                    round(1000 * median(tpot), 2) AS p50_tpot_ms
             FROM requests WHERE source = '{source}' AND run_id LIKE '%{run_suffix}'
             GROUP BY run_id ORDER BY min(arrival_ts)""")
+
+    def rank_accuracy(self) -> pd.DataFrame:
+        """Per run, from the counterfactual audit: how often the chosen instance was the best one (within
+        2% + 10 ms, so that equally idle instances tie), how much later the request finished than on the
+        best instance, and how well predicted E2E ranks the candidates."""
+        return self.sql("""
+            WITH a AS (SELECT *, min(oracle_ttft) OVER w AS best_ttft, min(oracle_e2e) OVER w AS best_e2e,
+                              rank() OVER (PARTITION BY run_id, request_id ORDER BY predicted_e2e) AS predicted_rank,
+                              rank() OVER (PARTITION BY run_id, request_id ORDER BY oracle_e2e) AS oracle_rank
+                       FROM counterfactuals WINDOW w AS (PARTITION BY run_id, request_id))
+            SELECT run_id, count(*) FILTER (WHERE chosen) AS audited_decisions,
+                   avg(CASE WHEN oracle_ttft <= 1.02 * best_ttft + 0.01 THEN 1 ELSE 0 END) FILTER (WHERE chosen)
+                       AS top1_ttft,
+                   avg(CASE WHEN oracle_e2e <= 1.02 * best_e2e + 0.01 THEN 1 ELSE 0 END) FILTER (WHERE chosen)
+                       AS top1_e2e,
+                   avg(oracle_e2e - best_e2e) FILTER (WHERE chosen) AS mean_regret_e2e_s,
+                   corr(predicted_rank, oracle_rank) AS rank_correlation_e2e
+            FROM a GROUP BY run_id ORDER BY run_id""")

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pandas as pd
 
+from block.offline import ClusterSpec, Honesty, Study
 from store.collector import Store
+
+# What limits a routing choice, timing or lengths: honest Block (E2E and TTFT targets), the best simple
+# heuristic, and Block with the world's timing or true lengths (oracles, labelled as such).
+AUDITED_RUNS: dict[str, tuple[str, Honesty]] = {
+    "block": ("block", Honesty()),
+    "block (oracle timing)": ("block", Honesty(oracle_timing=True)),
+    "block_ttft": ("block_ttft", Honesty()),
+    "least_requests": ("least_requests", Honesty()),
+    "block_star (oracle lengths)": ("block_star", Honesty(oracle_lengths=True)),
+}
 
 
 def save_offline_run(store: Store, run_id: str, policy: str, records: pd.DataFrame,
@@ -31,3 +42,11 @@ def save_offline_run(store: Store, run_id: str, policy: str, records: pd.DataFra
         store.insert("counterfactuals", [{**row, "run_id": run_id, "request_id": str(row["request_id"])}
                                          for row in audit.to_dict("records")])
     return len(rows)
+
+
+def run_audited(store: Store, spec: ClusterSpec, requests: int, audit_every: int, qps: float,
+                seed: int = 0) -> None:
+    """Every AUDITED_RUNS entry on the same Poisson workload, saved with its counterfactual audit."""
+    for run_id, (policy, honesty) in AUDITED_RUNS.items():
+        result = Study(spec, "synthetic", requests, honesty, audit_every=audit_every).run(policy, qps, seed)
+        save_offline_run(store, run_id, policy, result.records, result.decisions, result.audit)
