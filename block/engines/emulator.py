@@ -242,9 +242,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     gpu, model = get_gpu(args.gpu), get_model(args.model)
-    return EngineConfig(num_blocks=args.num_blocks or num_kv_blocks(gpu, model), max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens,
-                        max_model_len=args.max_model_len or model.max_context)
+    blocks = num_kv_blocks(gpu, model) if args.num_blocks is None else args.num_blocks  # 0 is refused, not "default"
+    max_len = model.max_context if args.max_model_len is None else args.max_model_len
+    return EngineConfig(num_blocks=blocks, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len)
 
 
 def main(argv: list[str] | None = None) -> None:
