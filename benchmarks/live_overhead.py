@@ -26,8 +26,7 @@ import orjson
 import pandas as pd
 
 from block.offline import ClusterSpec, Honesty, run_policy
-from block.predictor import LengthPrior
-from simulator.workload import Request, poisson_arrivals, synthetic_lengths
+from simulator.workload import LengthPrior, Request, poisson_arrivals, synthetic_lengths
 from workbench.loadgen import prompt_of, run_load, summarize
 from workbench.local import EngineFlags, LocalCluster
 

@@ -14,12 +14,12 @@ import time
 import numpy as np
 import pandas as pd
 
-from block.predictor import LengthPrior, Predictor
+from block.predictor import Predictor
 from simulator import engine as engine_module
 from simulator.engine import EngineConfig, InstanceState, RequestState
 from simulator.hardware import get_gpu, get_model
 from simulator.timing import Roofline
-from simulator.workload import Request
+from simulator.workload import LengthPrior, Request
 
 
 def busy_state(cap: int, total: int = 128, seed: int = 0) -> InstanceState:

@@ -16,10 +16,10 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pandas as pd
 
-from block.offline import get_preset, lengths_source, run_provisioning, trace_workload
+from block.offline import get_preset, run_provisioning
 from block.provisioner import ProvisionerConfig
 from simulator.data import data_dir
-from simulator.workload import Request, rate_arrivals
+from simulator.workload import Request, lengths_source, rate_arrivals, trace_workload
 
 FIXED_SIZE = 7
 

@@ -22,14 +22,14 @@ import pandas as pd
 
 from block.length.data import load_alpaca
 from block.policies import LoadSignals, Policy, make_policy
-from block.predictor.core import LengthPrior, Prediction, Predictor
+from block.predictor.core import Prediction, Predictor
 from block.provisioner import InstanceView, Observation, Provisioner, ProvisionerConfig
 from simulator.cluster import Cluster, ClusterView, Instance, ScaleAction
 from simulator.engine import Engine, EngineConfig, InstanceState
 from simulator.hardware import get_gpu, get_model, num_kv_blocks
 from simulator.metrics import capacity, records_frame, summarize
 from simulator.timing import Calibrated, Roofline, StepSample, TimingModel
-from simulator.workload import Request, Trace, load_named_trace, poisson_arrivals, synthetic_lengths
+from simulator.workload import LengthPrior, Request, Trace, lengths_source, poisson_workload, trace_workload
 
 
 @dataclass(frozen=True)
@@ -84,35 +84,6 @@ class Honesty:
         parts = [p for p, on in (("oracle-timing", self.oracle_timing), ("oracle-lengths", self.oracle_lengths))
                  if on]
         return "+".join(parts) if parts else "honest"
-
-
-def lengths_source(name: str, seed: int) -> tuple[Trace, LengthPrior]:
-    """Lengths to sample from and a prior fitted on a disjoint half (what past traffic would show)."""
-    if name == "synthetic":
-        trace = synthetic_lengths(4000, np.random.default_rng(seed + 10_000))
-        prior_lengths = synthetic_lengths(4000, np.random.default_rng(seed + 20_000)).output_tokens
-        return trace, LengthPrior(prior_lengths, "synthetic")
-    trace = load_named_trace(name).clipped(4096)
-    if name == "alpaca":  # carry the prompt texts, for length estimators
-        with contextlib.suppress(FileNotFoundError):
-            trace.prompts = load_alpaca().prompts
-    order = np.random.default_rng(12345).permutation(len(trace))
-    half = order[: len(order) // 2]
-    return trace, LengthPrior(trace.output_tokens[half], f"{name}-half")
-
-
-def poisson_workload(trace: Trace, n: int, qps: float, seed: int) -> list[Request]:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(trace), size=n)
-    arrivals = poisson_arrivals(n, qps, rng)
-    prompts = trace.prompts
-    return [Request(i, float(arrivals[i]), int(trace.prompt_tokens[j]), int(trace.output_tokens[j]),
-                    prompt=None if prompts is None else prompts[j]) for i, j in enumerate(idx)]
-
-
-def trace_workload(trace: Trace, n: int, qps: float) -> list[Request]:
-    """Replay the first n requests of a timed trace, time-scaled to ``qps`` (burst shape kept)."""
-    return trace.head(n).clipped(4096).scaled_to_qps(qps).requests()
 
 
 _CALIBRATION_CACHE: dict[tuple, Calibrated] = {}
@@ -299,6 +270,9 @@ class Study:
 
     def __post_init__(self) -> None:
         self.trace, self.prior = lengths_source(self.lengths, 0)
+        if self.lengths == "alpaca":  # carry the prompt texts, for length estimators
+            with contextlib.suppress(FileNotFoundError):
+                self.trace.prompts = load_alpaca().prompts
 
     def workload(self, qps: float, seed: int) -> list[Request]:
         if self.replay:

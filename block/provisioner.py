@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from block.predictor.core import LengthPrior, Predictor
+from block.predictor.core import Predictor
 from simulator.engine import InstanceState
-from simulator.workload import Request
+from simulator.workload import LengthPrior, Request
 
 MODES = ("fixed", "reactive", "predictive")
 

@@ -1,14 +1,159 @@
-"""DuckDB schema of a workspace. One file per workspace; only the collector writes to it."""
+"""The store contract: one row dataclass per table; the DuckDB tables are generated from them.
+
+Every producer (scheduler, side-cars, load generator, offline runs, autoscaler) builds these rows and
+nothing else, so a column cannot exist in one producer and be missing in another, and an offline run
+writes exactly the columns a live one does. One DuckDB file per workspace; only the collector writes.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass
+from typing import ClassVar
+
+_DUCK_TYPES = {str: "VARCHAR", float: "DOUBLE", int: "INTEGER", bool: "BOOLEAN"}
+
+
+@dataclass(kw_only=True)
+class Row:
+    """Base of every table row; ``run_id`` is filled in by the EventSink when a producer leaves it out."""
+
+    TABLE: ClassVar[str] = ""
+    PRIMARY_KEY: ClassVar[tuple[str, ...]] = ()
+
+    run_id: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(kw_only=True)
+class RunRow(Row):
+    TABLE = "runs"
+    PRIMARY_KEY = ("run_id",)
+
+    started_at: float
+    label: str
+    policy: str
+    config: str = ""
+
+
+@dataclass(kw_only=True)
+class RequestRow(Row):
+    """One request as one observer saw it: ``source`` is client, scheduler or sim (offline)."""
+
+    TABLE = "requests"
+    PRIMARY_KEY = ("run_id", "request_id", "source")
+
+    request_id: str
+    source: str
+    instance: str | None
+    policy: str | None
+    arrival_ts: float
+    first_token_ts: float | None
+    finish_ts: float | None
+    prompt_tokens: int
+    output_tokens: int
+    ttft: float | None
+    e2e: float | None
+    tpot: float | None = None
+    itl_mean: float | None = None
+    itl_max: float | None = None
+    status: str = "ok"
+    error: str = ""
+    retries: int = 0
+
+
+@dataclass(kw_only=True)
+class DecisionRow(Row):
+    """One routing decision (block.routing.RoutingDecision.row), offline and live alike.
+
+    ``fallback`` is none (every asked predictor answered, or the policy asks none), partial (some did not)
+    or all (none did: the policy decided on load signals); ``predictor`` says what the predictors knew.
+    """
+
+    TABLE = "decisions"
+
+    request_id: str
+    ts: float
+    policy: str
+    chosen: str
+    decision_ms: float
+    target: str | None
+    considered: int  # candidates that could take the request
+    asked: int  # predictions requested (the policy's shortlist, or 0)
+    fallback: str
+    predictor: str
+    predicted_ttft: float | None
+    predicted_e2e: float | None
+    candidates: str  # JSON list of {instance, running, waiting, free_blocks, predicted_ttft, predicted_e2e}
+
+
+@dataclass(kw_only=True)
+class CounterfactualRow(Row):
+    TABLE = "counterfactuals"
+
+    request_id: str
+    instance: str
+    chosen: bool
+    predicted_ttft: float
+    predicted_e2e: float
+    oracle_ttft: float
+    oracle_e2e: float
+
+
+@dataclass(kw_only=True)
+class InstanceSampleRow(Row):
+    TABLE = "instance_samples"
+
+    ts: float
+    instance: str
+    running: int | None
+    waiting: int | None
+    kv_usage: float | None
+    preemptions: int | None
+    tracked: int
+
+
+@dataclass(kw_only=True)
+class ProvisioningRow(Row):
+    TABLE = "provisioning"
+
+    ts: float
+    action: str
+    instance: str | None
+    reason: str
+    signal: str
+    value: float
+    threshold: float
+    status: str
+    instances: int
+
+
+ROWS: tuple[type[Row], ...] = (RunRow, RequestRow, DecisionRow, CounterfactualRow, InstanceSampleRow,
+                               ProvisioningRow)
+
+
+def _duck_type(annotation: object) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = args[0]
+    return _DUCK_TYPES[annotation]  # type: ignore[index]
 
 
 @dataclass(frozen=True)
 class Table:
+    row: type[Row]
     columns: tuple[tuple[str, str], ...]
     primary_key: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, row: type[Row]) -> Table:
+        hints = typing.get_type_hints(row)
+        cols = tuple((f.name, _duck_type(hints[f.name])) for f in dataclasses.fields(row))
+        return cls(row, cols, row.PRIMARY_KEY)
 
     @property
     def names(self) -> list[str]:
@@ -21,31 +166,7 @@ class Table:
         return f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(cols)})"
 
 
-def _cols(spec: str) -> tuple[tuple[str, str], ...]:
-    return tuple((c.split()[0], c.split()[1]) for c in (s.strip() for s in spec.split(",")) if c)
-
-
-TABLES: dict[str, Table] = {
-    "runs": Table(_cols("run_id VARCHAR, started_at DOUBLE, label VARCHAR, policy VARCHAR, config VARCHAR"),
-                  ("run_id",)),
-    "requests": Table(_cols(
-        "run_id VARCHAR, request_id VARCHAR, source VARCHAR, instance VARCHAR, policy VARCHAR, arrival_ts DOUBLE,"
-        "first_token_ts DOUBLE, finish_ts DOUBLE, prompt_tokens INTEGER, output_tokens INTEGER, ttft DOUBLE,"
-        "e2e DOUBLE, tpot DOUBLE, itl_mean DOUBLE, itl_max DOUBLE, status VARCHAR, error VARCHAR, retries INTEGER"),
-        ("run_id", "request_id", "source")),
-    "decisions": Table(_cols(
-        "run_id VARCHAR, request_id VARCHAR, ts DOUBLE, policy VARCHAR, chosen VARCHAR, decision_ms DOUBLE,"
-        "fallback BOOLEAN, predicted_ttft DOUBLE, predicted_e2e DOUBLE, candidates VARCHAR")),
-    "counterfactuals": Table(_cols(
-        "run_id VARCHAR, request_id VARCHAR, instance VARCHAR, chosen BOOLEAN, predicted_ttft DOUBLE,"
-        "predicted_e2e DOUBLE, oracle_ttft DOUBLE, oracle_e2e DOUBLE")),
-    "instance_samples": Table(_cols(
-        "run_id VARCHAR, ts DOUBLE, instance VARCHAR, running INTEGER, waiting INTEGER, kv_usage DOUBLE,"
-        "preemptions INTEGER, tracked INTEGER")),
-    "provisioning": Table(_cols(
-        "run_id VARCHAR, ts DOUBLE, action VARCHAR, instance VARCHAR, reason VARCHAR, signal VARCHAR, value DOUBLE,"
-        "threshold DOUBLE, status VARCHAR, instances INTEGER")),
-}
+TABLES: dict[str, Table] = {row.TABLE: Table.of(row) for row in ROWS}
 
 
 def create_all(con) -> None:

@@ -1,4 +1,4 @@
-from block.cli import main
+from workbench.cli import main
 
 
 def test_simulate_prints_a_summary(capsys):

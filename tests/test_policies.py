@@ -5,8 +5,8 @@ import pytest
 
 from block.offline import Honesty, Study, get_preset
 from block.policies import POLICIES, Block, LoadSignals, PowerOfK, make_policy
-from block.predictor import LengthPrior, Prediction
-from simulator.workload import Request
+from block.predictor import Prediction
+from simulator.workload import LengthPrior, Request
 
 
 def _pred(name, ttft, e2e):

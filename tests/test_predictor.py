@@ -2,11 +2,11 @@ import math
 
 import pytest
 
-from block.predictor import LengthPrior, Predictor
+from block.predictor import Predictor
 from simulator.engine import Engine, EngineConfig, InstanceState, RequestState
 from simulator.hardware import get_gpu, get_model
 from simulator.timing import Roofline
-from simulator.workload import Request
+from simulator.workload import LengthPrior, Request
 
 TIMING = Roofline(get_gpu("A30"), get_model("Llama-2-7B"))
 CFG = EngineConfig(num_blocks=1052, max_num_seqs=48, max_num_batched_tokens=512)

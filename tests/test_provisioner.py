@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 from block.events import EventSink
-from block.offline import get_preset, lengths_source, run_provisioning
-from block.predictor import LengthPrior, Predictor
+from block.offline import get_preset, run_provisioning
+from block.predictor import Predictor
 from block.provisioner import InstanceView, Observation, Provisioner, ProvisionerConfig
 from simulator.engine import EngineConfig, InstanceState
 from simulator.hardware import get_gpu, get_model
 from simulator.timing import Roofline
-from simulator.workload import Request, rate_arrivals
+from simulator.workload import LengthPrior, Request, lengths_source, rate_arrivals
 from workbench.autoscale import LiveAutoscaler
 from workbench.loadgen import run_load
 from workbench.local import EngineFlags, LocalCluster

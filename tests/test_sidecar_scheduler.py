@@ -10,7 +10,7 @@ from openai import OpenAI
 from block.engines.emulator import EmulatedEngine
 from block.engines.emulator import build_app as emulator_app
 from block.events import EventSink
-from block.predictor import LengthPrior, Predictor
+from block.predictor import Predictor
 from block.predictor.service import InstanceTracker, SideCar
 from block.predictor.service import build_app as sidecar_app
 from block.scheduler.app import Scheduler
@@ -18,6 +18,7 @@ from block.scheduler.app import build_app as scheduler_app
 from simulator.engine import EngineConfig
 from simulator.hardware import get_gpu, get_model
 from simulator.timing import Roofline
+from simulator.workload import LengthPrior
 from store.collector import Store
 from store.collector import build_app as collector_app
 from store.read import Reader

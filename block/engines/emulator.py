@@ -27,12 +27,11 @@ from starlette.routing import Route
 
 from block import openai_api as oa
 from block.http import background
-from block.predictor.core import LengthPrior
 from block.prometheus import Histogram, render
 from simulator.engine import Engine, EngineConfig, Seq
 from simulator.hardware import get_gpu, get_model, num_kv_blocks
 from simulator.timing import Roofline, TimingModel
-from simulator.workload import Request
+from simulator.workload import LengthPrior, Request
 
 WORDS = ("the", " model", " emulates", " a", " GPU", " serving", " tokens", " at", " a", " steady", " pace", ".")
 

@@ -1,5 +1,5 @@
 """Block's predictor: the what-if library (``core``) and the side-car service around it."""
 
-from block.predictor.core import LengthPrior, Prediction, Predictor
+from block.predictor.core import Prediction, Predictor
 
-__all__ = ["LengthPrior", "Prediction", "Predictor"]
+__all__ = ["Prediction", "Predictor"]

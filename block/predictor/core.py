@@ -7,18 +7,13 @@ calibrated timing model, and a prior over response lengths. It never reads true 
 
 from __future__ import annotations
 
-import bisect
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from statistics import NormalDist
-
-import numpy as np
 
 from simulator.engine import Engine, InstanceState
 from simulator.timing import TimingModel
-from simulator.workload import Request
+from simulator.workload import LengthPrior, Request
 
 TARGETS = ("e2e", "ttft")
 
@@ -43,48 +38,6 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class LengthPrior:
-    """Distribution of response lengths for one served model, for requests nobody estimated.
-
-    A request that has already produced g tokens gets the *conditional* median of L given L > g, so a
-    long answer still running is expected to go on for a while, instead of "any moment now".
-    """
-
-    def __init__(self, lengths: Sequence[int] | np.ndarray, name: str = "prior"):
-        arr = np.sort(np.asarray(lengths, dtype=np.int64))
-        if arr.size == 0 or arr[0] < 1:
-            raise ValueError(f"{name}: a length prior needs positive lengths")
-        self.name = name
-        self._sorted = arr.tolist()
-        self.median = int(np.median(arr))
-        self.mean = round(float(arr.mean()))
-
-    @classmethod
-    def embedded(cls) -> LengthPrior:
-        """Shaped like Llama-2-7b-chat on AlpacaEval (median ~317, long right tail); no data needed."""
-        q = (np.arange(2000) + 0.5) / 2000
-        z = np.array([NormalDist().inv_cdf(x) for x in q])
-        return cls(np.clip(np.exp(np.log(317) + 0.55 * z), 1, 4096).astype(np.int64), "embedded")
-
-    def expected_remaining(self, generated: int, predicted: int | None) -> int:
-        """Tokens still to come for a request: its estimate while it has not outlived it, else the
-        conditional remainder. One definition for forks, load signals and provisioning."""
-        if predicted is not None and predicted > generated:
-            return predicted - generated
-        return self.remaining(generated)
-
-    def sample(self, rng: random.Random) -> int:
-        return self._sorted[rng.randrange(len(self._sorted))]
-
-    def remaining(self, generated: int) -> int:
-        """Median further tokens of a request that has generated ``generated`` so far (>= 1)."""
-        s = self._sorted
-        i = bisect.bisect_right(s, generated)
-        if i >= len(s):
-            return max(1, generated // 4)  # beyond anything seen: assume a modest tail
-        return max(1, s[(i + len(s) - 1) // 2] - generated)
 
 
 @dataclass

@@ -26,16 +26,14 @@ from block.offline import (
     capacity_table,
     compare,
     get_preset,
-    lengths_source,
-    poisson_workload,
     run_policy,
-    trace_workload,
 )
 from block.policies import HEURISTICS, POLICIES
-from block.predictor import LengthPrior, Predictor
+from block.predictor import Predictor
 from block.provisioner import Provisioner, ProvisionerConfig
 from simulator.hardware import get_gpu, get_model
 from simulator.timing import Roofline
+from simulator.workload import LengthPrior, lengths_source, poisson_workload, trace_workload
 from workbench.autoscale import LiveAutoscaler
 from workbench.loadgen import run_load
 from workbench.loadgen import summarize as summarize_load
