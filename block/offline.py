@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,14 +20,17 @@ import numpy as np
 import pandas as pd
 
 from block.length.data import load_alpaca
-from block.policies import LoadSignals, Policy, make_policy
+from block.policies import Candidate, Policy, make_policy
+from block.predictor.calibration import build_predictor
 from block.predictor.core import Prediction, Predictor
+from block.protocol import LoadSignals
 from block.provisioner import InstanceView, Observation, Provisioner, ProvisionerConfig
+from block.routing import Router, RoutingDecision
 from simulator.cluster import Cluster, ClusterView, Instance, ScaleAction
 from simulator.engine import Engine, EngineConfig, InstanceState
 from simulator.hardware import get_gpu, get_model, num_kv_blocks
 from simulator.metrics import capacity, records_frame, summarize
-from simulator.timing import Calibrated, Roofline, StepSample, TimingModel
+from simulator.timing import Roofline, StepSample, TimingModel
 from simulator.workload import LengthPrior, Request, Trace, lengths_source, poisson_workload, trace_workload
 
 
@@ -86,15 +88,15 @@ class Honesty:
         return "+".join(parts) if parts else "honest"
 
 
-_CALIBRATION_CACHE: dict[tuple, Calibrated] = {}
+_WARMUP_CACHE: dict[tuple, list[StepSample]] = {}
 
 
-def calibrate(spec: ClusterSpec, noise: float, trace: Trace, seed: int = 0) -> Calibrated:
-    """Fit the predictor's timing model on step times measured from a warm-up run of one world engine,
-    as a deployment would from its first minutes of engine metrics."""
+def warmup_samples(spec: ClusterSpec, noise: float, trace: Trace, seed: int = 0) -> list[StepSample]:
+    """Step times measured from a warm-up run of one world engine, as a deployment would collect them
+    from its first minutes of engine metrics; the predictor's timing model is fitted on these."""
     key = (spec, noise, seed, len(trace))
-    if key in _CALIBRATION_CACHE:
-        return _CALIBRATION_CACHE[key]
+    if key in _WARMUP_CACHE:
+        return _WARMUP_CACHE[key]
     eng = Engine(spec.engine_config(), spec.world_timing(), noise=noise, seed=seed + 777, fast_path=False)
     eng.step_log = []
     reqs = poisson_workload(trace, 400, 4.0, seed + 999)
@@ -106,43 +108,17 @@ def calibrate(spec: ClusterSpec, noise: float, trace: Trace, seed: int = 0) -> C
     log = eng.step_log
     pick = rng.choice(len(log), size=min(3000, len(log)), replace=False)
     samples = [StepSample(log[i][0], log[i][1], log[i][2], log[i][3]) for i in pick]
-    model = Calibrated.fit(samples)
-    _CALIBRATION_CACHE[key] = model
-    return model
+    _WARMUP_CACHE[key] = samples
+    return samples
 
 
 def _world_and_predictor(spec: ClusterSpec, honesty: Honesty, prior: LengthPrior,
                          calibration_trace: Trace) -> tuple[TimingModel, Predictor]:
     """The world's timing model, and the predictor that may only know a calibrated one (unless oracle)."""
     world = spec.world_timing()
-    timing = world if honesty.oracle_timing else calibrate(spec, honesty.noise, calibration_trace)
-    return world, Predictor(timing, prior)
-
-
-@dataclass
-class SimCandidate:
-    """An instance as the router sees it offline: a (possibly stale) state plus its own dispatches."""
-
-    name: str
-    state: InstanceState
-    pending: list[Request]
-    predictor: Predictor
-    now: float
-    signals: LoadSignals = field(init=False)
-    predictions: dict[str, Prediction] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.signals = LoadSignals.from_state(self.state, self.predictor.prior, self.pending)
-
-    @property
-    def dispatched(self) -> int:
-        return len(self.pending)
-
-    def prediction(self, request: Request, target: str) -> Prediction:
-        if target not in self.predictions:
-            self.predictions[target] = self.predictor.predict(
-                self.state, request, target=target, now=self.now, instance=self.name, extra=self.pending)
-        return self.predictions[target]
+    if honesty.oracle_timing:
+        return world, build_predictor(prior, world, oracle=world)
+    return world, build_predictor(prior, world, samples=warmup_samples(spec, honesty.noise, calibration_trace))
 
 
 def counterfactual(engine: Engine, request: Request, now: float, horizon: float) -> tuple[float, float]:
@@ -158,54 +134,66 @@ def counterfactual(engine: Engine, request: Request, now: float, horizon: float)
 
 
 class SimRouter:
-    """Adapts a Policy to the simulator's router callback, with stale states and a decision log.
+    """The simulator's router callback: the shared ``Router`` over stale instance states.
 
-    With ``audit_every`` = k, every k-th decision is audited after it is made: every candidate's honest
-    prediction next to its counterfactual outcome, so rank accuracy of the choice can be measured.
+    Each instance's state is refreshed every ``state_interval`` seconds; requests dispatched since are
+    known only to this router (the same ``extra`` a live scheduler passes). With ``audit_every`` = k,
+    every k-th decision is audited after it is made: every candidate's honest prediction next to its
+    counterfactual outcome, so rank accuracy of the choice can be measured.
     """
 
     def __init__(self, policy: Policy, predictor: Predictor, state_interval: float, audit_every: int = 0):
-        self.policy = policy
+        self.router = Router(policy)
         self.predictor = predictor
         self.state_interval = state_interval
         self.audit_every = audit_every
         self._views: dict[str, tuple[float, InstanceState, list[Request]]] = {}
-        self.decisions: list[dict] = []
+        self.decisions: list[RoutingDecision] = []
         self.audit: list[dict] = []
-        self.decision_seconds = 0.0
+
+    def _view(self, inst: Instance, now: float) -> tuple[float, InstanceState, list[Request]]:
+        view = self._views.get(inst.name)
+        if view is None or now - view[0] >= self.state_interval:
+            view = (now, inst.engine.snapshot(), [])
+            self._views[inst.name] = view
+        return view
+
+    def _predict(self, view: tuple[float, InstanceState, list[Request]], name: str, request: Request, target: str,
+                 now: float) -> Prediction:
+        _, state, pending = view
+        return self.predictor.predict(state, request, target=target, now=now, instance=name, extra=pending)
 
     def __call__(self, request: Request, instances: Sequence[Instance], now: float) -> str:
-        t0 = time.perf_counter()
-        candidates = []
-        for inst in instances:
-            view = self._views.get(inst.name)
-            if view is None or now - view[0] >= self.state_interval:
-                view = (now, inst.engine.snapshot(), [])
-                self._views[inst.name] = view
-            candidates.append(SimCandidate(inst.name, view[1], view[2], self.predictor, now))
-        choice = self.policy.choose(request, candidates)
-        chosen = next(c for c in candidates if c.name == choice)
-        pred = chosen.predictions.get("e2e") or chosen.predictions.get("ttft")
-        self.decisions.append({
-            "request_id": request.id, "time": now, "instance": choice,
-            "predicted_ttft": pred.ttft if pred else float("nan"),
-            "predicted_e2e": pred.e2e if pred else float("nan"),
-            "candidates_predicted": sum(bool(c.predictions) for c in candidates),
-        })
-        self.decision_seconds += time.perf_counter() - t0
+        views = {inst.name: self._view(inst, now) for inst in instances}
+        candidates = [Candidate(name, LoadSignals.from_state(state, self.predictor.prior, pending), len(pending))
+                      for name, (_, state, pending) in views.items()]
+        decision = self.router.route(
+            request, candidates, lambda c, req, target: self._predict(views[c.name], c.name, req, target, now),
+            request_id=str(request.id), ts=now, predictor=self.predictor.label)
+        self.decisions.append(decision)
         if self.audit_every and (len(self.decisions) - 1) % self.audit_every == 0:
-            self._audit(request, instances, candidates, choice, now)
-        self._views[choice][2].append(request)
-        return choice
+            self._audit(request, instances, views, decision, now)
+        views[decision.choice][2].append(request)
+        return decision.choice
 
-    def _audit(self, request: Request, instances: Sequence[Instance], candidates: Sequence[SimCandidate],
-               choice: str, now: float) -> None:
-        for inst, cand in zip(instances, candidates, strict=True):
-            pred = cand.prediction(request, "e2e")
+    def _audit(self, request: Request, instances: Sequence[Instance],
+               views: dict[str, tuple[float, InstanceState, list[Request]]], decision: RoutingDecision,
+               now: float) -> None:
+        asked = {c.name: c.prediction("e2e") for c in decision.candidates}
+        for inst in instances:
+            pred = asked.get(inst.name) or self._predict(views[inst.name], inst.name, request, "e2e", now)
             ttft, e2e = counterfactual(inst.engine, request, now, self.predictor.horizon_s)
-            self.audit.append({"request_id": request.id, "instance": inst.name, "chosen": inst.name == choice,
+            self.audit.append({"request_id": request.id, "instance": inst.name, "chosen": inst.name == decision.choice,
                                "predicted_ttft": pred.ttft, "predicted_e2e": pred.e2e,
                                "oracle_ttft": ttft, "oracle_e2e": e2e})
+
+    def decisions_frame(self) -> pd.DataFrame:
+        """The decisions as ``decisions`` table rows (run_id left for whoever stores them)."""
+        return pd.DataFrame([d.row().to_dict() for d in self.decisions])
+
+    @property
+    def decision_seconds(self) -> float:
+        return sum(d.decision_s for d in self.decisions)
 
 
 @dataclass
@@ -252,7 +240,7 @@ def run_policy(
     records = records_frame(result.finished)
     summary = summarize(records)
     summary["decision_ms_mean"] = router.decision_seconds / max(1, len(reqs)) * 1e3
-    return RunResult(records, pd.DataFrame(router.decisions), summary, pd.DataFrame(router.audit))
+    return RunResult(records, router.decisions_frame(), summary, pd.DataFrame(router.audit))
 
 
 @dataclass

@@ -6,12 +6,13 @@ every hop and a bad one is refused at the front door with a message that says wh
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from block.protocol import approx_tokens
 
 MAX_TOKENS_LIMIT = 1 << 20
 
@@ -30,15 +31,6 @@ class ApiError(Exception):
     def body(self) -> bytes:
         return orjson.dumps({"error": {"message": self.message, "type": self.kind, "param": self.param,
                                        "code": self.status}})
-
-
-def approx_tokens(text: str) -> int:
-    """Token count without a tokenizer: ~4 characters per token (OpenAI's rule of thumb).
-
-    Every hop uses this same function, so the emulator, the side-car and the scheduler agree; a real
-    engine's exact count arrives in ``usage`` at the end of a request.
-    """
-    return max(1, math.ceil(len(text.encode("utf-8", "replace")) / 4))
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Routing policies behind one protocol; the same objects route offline and in the live scheduler.
 
-A policy sees candidates, never engines: each candidate carries cheap load signals (which already count
-requests dispatched to it but not yet visible in its state) and, on demand, a what-if Prediction. The
-offline harness (``block.offline``) and the live scheduler each implement ``Candidate``.
+A policy sees candidates, never engines. It says which candidates it wants predictions for
+(``shortlist``: power-of-k asks k, not N) and which prediction it reads (``prediction_target``); the
+caller (``block.routing.Router``, driven by the offline simulator or the live scheduler) resolves those
+predictions, then the policy ``choose``s. Load signals already count requests dispatched to a candidate
+but not yet visible in its state.
 """
 
 from __future__ import annotations
@@ -10,69 +12,35 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
 
-from block.predictor.core import LengthPrior, Prediction
-from simulator.engine import InstanceState
+from block.predictor.core import Prediction
+from block.protocol import LoadSignals
 from simulator.workload import Request
 
 
 @dataclass
-class LoadSignals:
-    """Live signals every heuristic needs; computed from an InstanceState plus not-yet-visible work."""
+class Candidate:
+    """An instance as a policy sees it: load signals, plus the predictions the caller resolved for it."""
 
-    running: int
-    waiting: int
-    free_blocks: int
-    total_blocks: int
-    unfinished_tokens: int  # prefill still to compute + decode still expected (estimated lengths)
-    queued_prefill_blocks: int  # KV blocks the waiting queue will claim when admitted
-
-    @classmethod
-    def from_state(cls, state: InstanceState, prior: LengthPrior, pending: Sequence[Request] = ()) -> LoadSignals:
-        bs = state.config.block_size
-        running = waiting = used = tokens = queued = 0
-        for r in state.requests:
-            used += r.allocated_blocks
-            left = prior.expected_remaining(r.generated_tokens, r.predicted_output_tokens)
-            tokens += r.prompt_tokens + r.generated_tokens - r.computed_tokens + left
-            if r.phase == "running":
-                running += 1
-            else:
-                waiting += 1
-                queued += -(-(r.prompt_tokens + r.generated_tokens) // bs)
-        base = cls(running, waiting, state.config.num_blocks - used, state.config.num_blocks, tokens, queued)
-        return base.plus(pending, prior, bs)
-
-    def plus(self, pending: Sequence[Request], prior: LengthPrior, block_size: int = 16) -> LoadSignals:
-        """These signals with requests dispatched here that the instance does not show yet."""
-        if not pending:
-            return self
-        tokens = queued = 0
-        for r in pending:
-            queued += -(-r.prompt_tokens // block_size)
-            p = r.predicted_output_tokens
-            tokens += r.prompt_tokens + (p if p is not None else prior.median)
-        return LoadSignals(self.running, self.waiting + len(pending), self.free_blocks, self.total_blocks,
-                           self.unfinished_tokens + tokens, self.queued_prefill_blocks + queued)
-
-
-class Candidate(Protocol):
     name: str
     signals: LoadSignals
-    dispatched: int  # sent here but not yet visible in the instance's state
+    dispatched: int = 0  # sent here but not yet visible in the instance's state
+    predictions: dict[str, Prediction | None] = field(default_factory=dict)
 
-    def prediction(self, request: Request, target: str) -> Prediction | None:
-        """What-if latency of ``request`` here; None when the predictor missed its time budget."""
-        ...
+    def prediction(self, target: str) -> Prediction | None:
+        """What-if latency here; None when the predictor was not asked or missed its time budget."""
+        return self.predictions.get(target)
 
 
 class Policy:
     name = "policy"
-    uses_predictions = False
-    uses_length_estimates = False
-    prediction_target: str | None = None  # what a caller should prefetch predictions for
+    prediction_target: str | None = None  # the prediction this policy reads; None: load signals only
+    uses_length_estimates = False  # whether predictions may see the length estimator's guess
+
+    def shortlist(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
+        """The candidates the policy will choose among, and the only ones a caller asks to predict."""
+        return candidates
 
     def choose(self, request: Request, candidates: Sequence[Candidate]) -> str:
         raise NotImplementedError
@@ -157,36 +125,29 @@ class Block(Policy):
     falls back to least_requests on live signals.
     """
 
-    uses_predictions = True
-
     def __init__(self, target: str = "e2e", use_length_estimates: bool = False, name: str = "block"):
         self.target = target
         self.prediction_target = target
         self.uses_length_estimates = use_length_estimates
         self.name = name
         self._fallback = LeastRequests()
-        self.fallbacks = 0
 
     def choose(self, request: Request, candidates: Sequence[Candidate]) -> str:
-        if not self.uses_length_estimates and request.predicted_output_tokens is not None:
-            request = Request(request.id, request.arrival, request.prompt_tokens, request.output_tokens,
-                              None, request.prompt)
         best, best_v = None, math.inf
         for c in candidates:
-            p = c.prediction(request, self.target)
+            p = c.prediction(self.target)
             if p is None:
                 continue
             v = p.value(self.target)
             if v < best_v:
                 best, best_v = c, v
         if best is None:
-            self.fallbacks += 1
             return self._fallback.choose(request, candidates)
         return best.name
 
 
 class PowerOfK(Policy):
-    """Ask only k random candidates, then apply the inner policy: k predictions instead of N."""
+    """Shortlist k random candidates, then apply the inner policy: k predictions instead of N."""
 
     def __init__(self, inner: Policy, k: int, seed: int = 0):
         if k < 1:
@@ -194,16 +155,18 @@ class PowerOfK(Policy):
         self.inner = inner
         self.k = k
         self.name = f"{inner.name}@{k}"
-        self.uses_predictions = inner.uses_predictions
         self.uses_length_estimates = inner.uses_length_estimates
         self.prediction_target = inner.prediction_target
         self._rng = random.Random(seed)
 
-    def choose(self, request: Request, candidates: Sequence[Candidate]) -> str:
+    def shortlist(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
         if self.k >= len(candidates):
-            return self.inner.choose(request, candidates)
+            return candidates
         picked = sorted(self._rng.sample(range(len(candidates)), self.k))
-        return self.inner.choose(request, [candidates[i] for i in picked])
+        return [candidates[i] for i in picked]
+
+    def choose(self, request: Request, candidates: Sequence[Candidate]) -> str:
+        return self.inner.choose(request, candidates)
 
 
 POLICIES: dict[str, Callable[[int], Policy]] = {

@@ -1,11 +1,12 @@
 import dataclasses
-from dataclasses import dataclass, field
 
 import pytest
 
 from block.offline import Honesty, Study, get_preset
-from block.policies import POLICIES, Block, LoadSignals, PowerOfK, make_policy
+from block.policies import POLICIES, Block, Candidate, PowerOfK, make_policy
 from block.predictor import Prediction
+from block.protocol import LoadSignals
+from block.routing import Router
 from simulator.workload import LengthPrior, Request
 
 
@@ -13,24 +14,10 @@ def _pred(name, ttft, e2e):
     return Prediction(name, ttft, e2e, 0.0, float("nan"), 0.0, 0, 0.0, False)
 
 
-@dataclass
-class FakeCandidate:
-    """A Candidate with fixed numbers, for checking each policy's arithmetic."""
-
-    name: str
-    signals: LoadSignals
-    ttft: float = 1.0
-    e2e: float = 10.0
-    answers: bool = True
-    asked: list = field(default_factory=list)
-
-    @property
-    def dispatched(self) -> int:
-        return 0
-
-    def prediction(self, request, target):
-        self.asked.append(target)
-        return _pred(self.name, self.ttft, self.e2e) if self.answers else None
+def cand(name, signals, ttft=1.0, e2e=10.0, answers=True):
+    """A Candidate with fixed predictions (or none, as when its predictor missed the budget)."""
+    p = _pred(name, ttft, e2e) if answers else None
+    return Candidate(name, signals, predictions={"e2e": p, "ttft": p})
 
 
 def sig(running=0, waiting=0, free=100, tokens=0, queued=0):
@@ -41,54 +28,73 @@ REQ = Request(1, 0.0, 100, 50)
 
 
 def test_heuristics_pick_the_least_loaded():
-    a = FakeCandidate("a", sig(running=5, waiting=2, free=10, tokens=900, queued=5))
-    b = FakeCandidate("b", sig(running=4, waiting=0, free=60, tokens=100, queued=0))
+    a = cand("a", sig(running=5, waiting=2, free=10, tokens=900, queued=5))
+    b = cand("b", sig(running=4, waiting=0, free=60, tokens=100, queued=0))
     for name in ("least_requests", "least_tokens", "llumnix", "infaas"):
         assert make_policy(name).choose(REQ, [a, b]) == "b", name
 
 
 def test_llumnix_counts_queued_prefills_but_infaas_does_not():
-    a = FakeCandidate("a", sig(running=1, free=50, queued=45))
-    b = FakeCandidate("b", sig(running=1, free=30, queued=0))
+    a = cand("a", sig(running=1, free=50, queued=45))
+    b = cand("b", sig(running=1, free=30, queued=0))
     assert make_policy("llumnix").choose(REQ, [a, b]) == "b"
     assert make_policy("infaas").choose(REQ, [a, b]) == "a"
 
 
 def test_block_minimises_the_chosen_target_and_falls_back_without_answers():
-    a = FakeCandidate("a", sig(running=9), ttft=0.5, e2e=20.0)
-    b = FakeCandidate("b", sig(running=1), ttft=2.0, e2e=12.0)
+    a = cand("a", sig(running=9), ttft=0.5, e2e=20.0)
+    b = cand("b", sig(running=1), ttft=2.0, e2e=12.0)
     assert make_policy("block").choose(REQ, [a, b]) == "b"
     assert make_policy("block_ttft").choose(REQ, [a, b]) == "a"
-    silent = [FakeCandidate("a", sig(running=9), answers=False), FakeCandidate("b", sig(running=1), answers=False)]
-    policy = make_policy("block")
-    assert policy.choose(REQ, silent) == "b" and policy.fallbacks == 1
-    partly = [FakeCandidate("a", sig(), e2e=5.0, answers=False), FakeCandidate("b", sig(), e2e=50.0)]
+    silent = [cand("a", sig(running=9), answers=False), cand("b", sig(running=1), answers=False)]
+    assert make_policy("block").choose(REQ, silent) == "b"
+    partly = [cand("a", sig(), e2e=5.0, answers=False), cand("b", sig(), e2e=50.0)]
     assert make_policy("block").choose(REQ, partly) == "b"  # the silent one is skipped
 
 
-def test_block_without_estimates_hides_the_estimate():
+def test_router_hides_the_estimate_from_policies_that_do_not_use_it():
     seen = []
 
-    class Spy(FakeCandidate):
-        def prediction(self, request, target):
-            seen.append(request.predicted_output_tokens)
-            return _pred(self.name, 1.0, 1.0)
+    def predict(c, req, target):
+        seen.append(req.predicted_output_tokens)
+        return _pred(c.name, 1.0, 1.0)
 
     req = Request(1, 0.0, 100, 50, predicted_output_tokens=77)
-    Block("e2e", use_length_estimates=False).choose(req, [Spy("a", sig())])
-    Block("e2e", use_length_estimates=True).choose(req, [Spy("a", sig())])
+    for policy in (Block("e2e", use_length_estimates=False), Block("e2e", use_length_estimates=True)):
+        Router(policy).route(req, [Candidate("a", sig())], predict, request_id="1", ts=0.0)
     assert seen == [None, 77]
 
 
 def test_round_robin_cycles_and_power_of_k_asks_only_k():
-    cands = [FakeCandidate(n, sig()) for n in "abcd"]
+    cands = [cand(n, sig()) for n in "abcd"]
     rr = make_policy("round_robin")
     assert [rr.choose(REQ, cands) for _ in range(5)] == ["a", "b", "c", "d", "a"]
     p = make_policy("block", power_of_k=2, seed=3)
     assert isinstance(p, PowerOfK) and p.name == "block@2"
-    for _ in range(10):
-        p.choose(REQ, cands)
-    assert sum(len(c.asked) for c in cands) == 20
+    asked = []
+    router = Router(p)
+    for i in range(10):
+        fresh = [Candidate(n, sig()) for n in "abcd"]
+        d = router.route(REQ, fresh, lambda c, req, t: asked.append(c.name) or _pred(c.name, 1.0, 1.0),
+                         request_id=str(i), ts=0.0)
+        assert (d.asked, d.considered, d.fallback) == (2, 4, "none")
+        assert d.choice in {c.name for c in d.candidates}
+    assert len(asked) == 20
+
+
+def test_fallback_is_none_partial_or_all_and_heuristics_ask_nothing():
+    def run(policy, answers):
+        it = iter(answers)
+        return Router(make_policy(policy)).route(
+            REQ, [Candidate(n, sig(running=i)) for i, n in enumerate("abc")],
+            lambda c, req, t: _pred(c.name, 1.0, 1.0) if next(it) else None, request_id="r", ts=0.0)
+
+    assert run("block", [True, True, True]).fallback == "none"
+    assert run("block", [False, True, True]).fallback == "partial"
+    d = run("block", [False, False, False])
+    assert d.fallback == "all" and d.choice == "a"  # least_requests on live signals
+    row = run("least_requests", []).row("run")
+    assert (row.fallback, row.asked, row.target, row.considered) == ("none", 0, None, 3)
 
 
 def test_bad_policy_input_is_clear():

@@ -11,7 +11,7 @@ import pandas as pd
 
 from block.length.data import MODELS, LengthData
 from block.length.models import ESTIMATORS, EmbeddingRidge, Encoder, Features
-from block.openai_api import approx_tokens
+from block.protocol import approx_tokens
 from simulator.workload import Request
 
 DEFAULT_DIR = Path("models")

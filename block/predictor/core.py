@@ -48,6 +48,7 @@ class Predictor:
     prior: LengthPrior
     horizon_s: float = 300.0
     fast_path: bool = True
+    label: str = "unlabelled"  # what this predictor knows (block.predictor.calibration builds the label)
 
     def _targets(self, state: InstanceState) -> dict[int, int]:
         out = {}
