@@ -1,6 +1,7 @@
 """The live chain in one process: emulators, side-cars, scheduler and collector on loopback."""
 
 import contextlib
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,7 +11,8 @@ from openai import OpenAI
 from block.engines.emulator import EmulatedEngine
 from block.engines.emulator import build_app as emulator_app
 from block.events import EventSink
-from block.predictor import Predictor
+from block.offline import Study, get_preset
+from block.predictor import Predictor, build_predictor
 from block.predictor.service import InstanceTracker, SideCar
 from block.predictor.service import build_app as sidecar_app
 from block.scheduler.app import Scheduler
@@ -22,6 +24,7 @@ from simulator.workload import LengthPrior
 from store.collector import Store
 from store.collector import build_app as collector_app
 from store.read import Reader
+from store.schema import DecisionRow
 from tests.servers import serve
 
 CFG = EngineConfig(num_blocks=1052, max_num_seqs=48, max_num_batched_tokens=512)
@@ -34,7 +37,7 @@ TOKEN = "s3cret"
 def instance(name, collector=None):
     emu = EmulatedEngine(CFG, TIMING, time_scale=SCALE, name=name)
     with serve(emulator_app(emu, "llama")) as engine_url:
-        car = SideCar(name, engine_url, InstanceTracker(CFG, SCALE), Predictor(TIMING, LengthPrior.embedded()),
+        car = SideCar(name, engine_url, InstanceTracker(CFG, SCALE), build_predictor(LengthPrior.embedded(), TIMING),
                       sink=EventSink(collector, "t"), metrics_interval=0.05)
         with serve(sidecar_app(car)) as car_url:
             yield emu, car, car_url
@@ -156,13 +159,13 @@ def test_admin_needs_the_token_and_manages_instances(tmp_path):
 def test_predictor_missing_its_budget_falls_back_to_live_signals(tmp_path):
     with cluster(tmp_path, budget_s=1e-6) as (sched, url, _insts, _collector):
         assert all(complete(url).status_code == 200 for _ in range(5))
-        assert sched.fallbacks_total == 5
+        assert sched.fallbacks["all"] == 5
 
 
 def test_dead_instance_before_first_token_is_retried_elsewhere(tmp_path):
     with cluster(tmp_path, policy="round_robin") as (sched, url, _insts, _collector):
         sched.instances["i0"].url = "http://127.0.0.1:9"  # its side-car vanished
-        sched.poll_interval = 3600  # keep the poller from noticing first
+        sched.registry.poll_interval = 3600  # keep the poller from noticing first
         results = [complete(url) for _ in range(4)]
         assert all(r.status_code == 200 for r in results)
         assert sched.retries_total >= 1 and sched.instances["i0"].failures >= 1
@@ -173,6 +176,42 @@ def test_no_instance_left_is_a_clear_503(tmp_path):
     with cluster(tmp_path, n=1) as (sched, url, _insts, _collector):
         sched.instances["i0"].status = "down"
         sched.instances["i0"].reason = "engine gone"
-        sched.poll_interval = 3600
+        sched.registry.poll_interval = 3600
         r = complete(url)
         assert r.status_code == 503 and "engine gone" in r.json()["error"]["message"]
+
+
+def test_power_of_k_asks_exactly_k_side_cars_per_request(tmp_path):
+    with cluster(tmp_path, n=3, policy="block@2") as (sched, url, insts, _collector):
+        before = sum(car.predict_latency.count for _, car, _ in insts)
+        assert all(complete(url).status_code == 200 for _ in range(6))
+        answered = sum(car.predict_latency.count for _, car, _ in insts) - before
+        assert sched.predict_calls_total == 12 and answered == 12
+
+
+def test_offline_and_live_decisions_write_the_same_row(tmp_path):
+    """Both bodies produce DecisionRow through the one Router: same columns, same columns filled."""
+    columns = [f.name for f in dataclasses.fields(DecisionRow)]
+    offline = Study(get_preset("demo"), "synthetic", 40).run("block", 4.0, 0).decisions
+    with cluster(tmp_path, policy="block") as (_sched, url, _, collector):
+        assert all(complete(url).status_code == 200 for _ in range(4))
+        time.sleep(0.6)
+        live = Reader(collector_url=collector).sql("SELECT * FROM decisions")
+    assert list(offline.columns) == columns and list(live.columns) == columns and len(live) == 4
+    filled = lambda df: {c for c in columns if df[c].notna().all()}  # noqa: E731
+    assert filled(live) - {"run_id"} == filled(offline) - {"run_id"}
+    assert set(live["fallback"]) | set(offline["fallback"]) <= {"none", "partial", "all"}
+    assert offline["predictor"].str.startswith("timing=calibrated").all()
+    assert live["predictor"].str.contains("timing=").all() and (live["asked"] == 2).all()
+
+
+def test_sidecar_calibrates_its_timing_online_from_the_engine_steps():
+    with instance("c") as (_emu, car, url):
+        assert httpx.get(url + "/state?requests=0").json()["predictor"]["fits"] == 0
+        with ThreadPoolExecutor(4) as pool:
+            assert all(f.status_code == 200 for f in pool.map(lambda _: complete(url, 200), range(4)))
+        assert eventually(lambda: httpx.get(url + "/state?requests=0").json()["predictor"]["fits"] >= 1)
+        status = httpx.get(url + "/state?requests=0").json()["predictor"]
+        assert status["label"].startswith("timing=calibrated(") and status["source"] == "engine /steps"
+        assert status["fit_error_pct"] < 15  # the emulator's +-5% noise around the roofline
+        assert car.predictor.label == status["label"]

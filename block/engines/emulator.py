@@ -26,11 +26,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from block import openai_api as oa
+from block.engines.settings import EngineSettings
 from block.http import background
 from block.prometheus import Histogram, render
 from simulator.engine import Engine, EngineConfig, Seq
-from simulator.hardware import get_gpu, get_model, num_kv_blocks
-from simulator.timing import Roofline, TimingModel
+from simulator.timing import TimingModel
 from simulator.workload import LengthPrior, Request
 
 WORDS = ("the", " model", " emulates", " a", " GPU", " serving", " tokens", " at", " a", " steady", " pace", ".")
@@ -53,6 +53,8 @@ class EmulatedEngine:
         if time_scale <= 0:
             raise ValueError(f"time_scale must be > 0, got {time_scale}")
         self.engine = Engine(config, timing, noise=noise, seed=seed, fast_path=False, name=name)
+        self.engine.step_log = []  # what a side-car calibrates its timing model on (see steps_since)
+        self.steps_dropped = 0  # step-log entries trimmed away; a cursor counts from the first step ever
         self.time_scale = time_scale
         self.lengths = lengths or LengthPrior.embedded()
         self._rng = random.Random(seed)
@@ -101,8 +103,23 @@ class EmulatedEngine:
                 await asyncio.sleep(delay)
             self._emit()
 
+    STEP_LOG_KEEP = 4096
+
+    def steps_since(self, cursor: int) -> tuple[int, list]:
+        """Iterations logged from ``cursor`` on (as [[prefill (chunk, offset)...], decodes, context, seconds]),
+        and the cursor to ask with next time. Only the last STEP_LOG_KEEP are kept."""
+        log = self.engine.step_log
+        assert log is not None
+        start = max(0, cursor - self.steps_dropped)
+        return self.steps_dropped + len(log), [list(step) for step in log[start:]]
+
     def _emit(self) -> None:
         eng = self.engine
+        log = eng.step_log
+        if log is not None and len(log) > 2 * self.STEP_LOG_KEEP:  # bounded whether or not anyone reads it
+            drop = len(log) - self.STEP_LOG_KEEP
+            del log[:drop]
+            self.steps_dropped += drop
         now = time.monotonic()
         for rid, stream in list(self._streams.items()):
             seq = stream.seq
@@ -214,6 +231,15 @@ def build_app(emu: EmulatedEngine, served_model: str) -> Starlette:
         return Response(orjson.dumps({"instance": emu.engine.name, "time_scale": emu.time_scale,
                                       "state": dataclasses.asdict(snap)}), media_type="application/json")
 
+    async def steps(request: HttpRequest) -> Response:
+        try:
+            cursor = int(request.query_params.get("since", "0"))
+        except ValueError:
+            return Response(oa.ApiError(400, "'since' must be an integer step cursor", "since").body(),
+                            status_code=400, media_type="application/json")
+        cursor, log = emu.steps_since(max(0, cursor))
+        return Response(orjson.dumps({"next": cursor, "steps": log}), media_type="application/json")
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         async with background(emu.run()):
@@ -226,25 +252,8 @@ def build_app(emu: EmulatedEngine, served_model: str) -> Starlette:
         Route("/health", health),
         Route("/metrics", metrics),
         Route("/state", state),
+        Route("/steps", steps),
     ], lifespan=lifespan)
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="Llama-2-7B", help="model spec (simulator.hardware)")
-    p.add_argument("--gpu", default="A30")
-    p.add_argument("--num-blocks", type=int, help="KV blocks (default: sized from GPU memory)")
-    p.add_argument("--max-num-seqs", type=int, default=48)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's context)")
-    p.add_argument("--time-scale", type=float, default=1.0, help="emulated GPU speed-up over real time")
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    gpu, model = get_gpu(args.gpu), get_model(args.model)
-    blocks = num_kv_blocks(gpu, model) if args.num_blocks is None else args.num_blocks  # 0 is refused, not "default"
-    max_len = model.max_context if args.max_model_len is None else args.max_model_len
-    return EngineConfig(num_blocks=blocks, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,14 +264,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--name", default="emulator")
     p.add_argument("--served-model-name", help="model id clients use (default: the --model spec name)")
-    p.add_argument("--noise", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
-    add_engine_args(p)
+    EngineSettings.add_args(p)
     args = p.parse_args(argv)
-    config = engine_config_from_args(args)
-    timing = Roofline(get_gpu(args.gpu), get_model(args.model))
-    emu = EmulatedEngine(config, timing, time_scale=args.time_scale, noise=args.noise, seed=args.seed, name=args.name)
-    app = build_app(emu, args.served_model_name or args.model)
+    settings = EngineSettings.from_args(args)
+    emu = EmulatedEngine(settings.engine_config(), settings.timing(), time_scale=settings.time_scale,
+                         noise=settings.noise, seed=args.seed, name=args.name)
+    app = build_app(emu, args.served_model_name or settings.model)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

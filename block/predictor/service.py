@@ -3,7 +3,9 @@
 Every ``/v1/*`` request of the instance passes through here, so the side-car tracks each request's
 prompt and generated tokens without engine changes. It reconciles that view with the engine's
 ``/metrics`` (how many are running, waiting, preempted; the KV cache size), turns it into an
-InstanceState, and answers ``POST /predict`` with the same Predictor the offline studies use.
+InstanceState, and answers ``POST /predict`` with the same Predictor the offline studies use. Its timing
+model starts as the roofline of its GPU and is refitted online from the step times the engine reports
+(``OnlineCalibration``); ``/state`` and every prediction say which one it is.
 """
 
 from __future__ import annotations
@@ -25,16 +27,22 @@ from starlette.routing import Route
 
 from block import openai_api as oa
 from block.events import EventSink
-from block.http import background, proxy_session
-from block.policies import LoadSignals
-from block.predictor.core import TARGETS, LengthPrior, Predictor
+from block.http import background, proxy_session, relay
+from block.predictor.calibration import OnlineCalibration, build_predictor
+from block.predictor.core import Predictor
 from block.prometheus import Histogram, parse_label, parse_metrics, render
+from block.protocol import (
+    PREDICTED_TOKENS_HEADER,
+    LoadSignals,
+    PredictRequest,
+    PredictResponse,
+    ProtocolError,
+    parse_predicted_tokens,
+)
 from simulator.engine import EngineConfig, InstanceState, RequestState
-from simulator.hardware import get_gpu, get_model
-from simulator.timing import Roofline
-from simulator.workload import Request
-
-PREDICTED_HEADER = "x-block-predicted-tokens"
+from simulator.timing import StepSample
+from simulator.workload import LengthPrior, Request
+from store.schema import InstanceSampleRow
 
 
 @dataclass
@@ -161,6 +169,8 @@ class SideCar:
         self.engine_url = engine_url.rstrip("/")
         self.tracker = tracker
         self.predictor = predictor
+        self.calibration = OnlineCalibration(predictor)
+        self._steps_cursor: int | None = 0  # None once the engine showed it reports no step times
         self.sink = sink or EventSink(None, "")
         self.metrics_interval = metrics_interval
         self.client: aiohttp.ClientSession | None = None
@@ -180,17 +190,43 @@ class SideCar:
             self._adopt_cache_config(text)
             self.engine_ok, self.engine_error = True, ""
             t = self.tracker
-            self.sink.emit("instance_samples", {
-                "ts": time.time(), "instance": self.name, "running": t.engine_running,
-                "waiting": t.engine_waiting, "kv_usage": t.kv_usage, "preemptions": t.engine_preemptions,
-                "tracked": len(t.requests)})
+            self.sink.emit(InstanceSampleRow(
+                ts=time.time(), instance=self.name, running=t.engine_running, waiting=t.engine_waiting,
+                kv_usage=t.kv_usage, preemptions=t.engine_preemptions, tracked=len(t.requests)))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self.engine_ok, self.engine_error = False, f"engine {self.engine_url} unreachable: {exc!r}"
+
+    async def poll_steps_once(self) -> None:
+        """Feed the step times the engine reports (the emulator's ``/steps``) to the online calibration.
+
+        An engine without that endpoint (vLLM) is asked once; the predictor then stays on its roofline
+        and its label says so.
+        """
+        assert self.client is not None
+        if self._steps_cursor is None:
+            return
+        try:
+            async with self.client.get(f"{self.engine_url}/steps?since={self._steps_cursor}",
+                                       timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
+                if resp.status == 404:
+                    self._steps_cursor = None
+                    self.calibration.source = "none (the engine reports no step times)"
+                    return
+                resp.raise_for_status()
+                data = orjson.loads(await resp.read())
+            samples = [StepSample(tuple((int(c), int(o)) for c, o in prefill), int(n_dec), int(ctx), float(sec))
+                       for prefill, n_dec, ctx, sec in data["steps"]]
+            self._steps_cursor = int(data["next"])
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return  # the next poll tries again; health is judged from /metrics
+        self.calibration.source = "engine /steps"
+        self.calibration.add(samples)
 
     async def poll_engine(self) -> None:
         while True:
             await asyncio.sleep(self.metrics_interval)
             await self.poll_engine_once()
+            await self.poll_steps_once()
 
     def _adopt_cache_config(self, metrics_text: str) -> None:
         """Take the KV cache size and block size the engine reports (vLLM's cache_config_info)."""
@@ -213,11 +249,10 @@ class SideCar:
             parsed = oa.parse_request(body, kind, [model] if isinstance(model, str) else [], None)
         except (orjson.JSONDecodeError, oa.ApiError):
             parsed = None  # let the engine answer with its own error
-        header = request.headers.get(PREDICTED_HEADER)
-        predicted = int(header) if header and header.isdigit() else None
+        predicted = parse_predicted_tokens(request.headers.get(PREDICTED_TOKENS_HEADER))
         headers = {"content-type": "application/json"}
-        if header:
-            headers[PREDICTED_HEADER] = header
+        if predicted is not None:
+            headers[PREDICTED_TOKENS_HEADER] = str(predicted)
         tracked = self.tracker.start(parsed.prompt_tokens, predicted) if parsed is not None else None
         self.proxied_total += 1
         try:
@@ -226,15 +261,13 @@ class SideCar:
             if tracked:
                 self.tracker.finish(tracked)
             self.proxy_errors_total += 1
-            err = oa.ApiError(503, f"side-car {self.name}: engine {self.engine_url} unreachable: {exc!r}")
-            return Response(err.body(), status_code=503, media_type="application/json")
+            raise oa.ApiError(503, f"side-car {self.name}: engine {self.engine_url} unreachable: {exc!r}") from exc
         if parsed is None or not parsed.stream or resp.status != 200:
             try:
                 data = await resp.read()
             except aiohttp.ClientError as exc:
                 self.proxy_errors_total += 1
-                err = oa.ApiError(502, f"side-car {self.name}: engine response broke: {exc!r}")
-                return Response(err.body(), status_code=502, media_type="application/json")
+                raise oa.ApiError(502, f"side-car {self.name}: engine response broke: {exc!r}") from exc
             finally:
                 resp.release()
                 if tracked:
@@ -242,67 +275,40 @@ class SideCar:
             return Response(data, status_code=resp.status, media_type=resp.headers.get("content-type"))
         counter = _Count()
 
-        async def passthrough():
-            complete = False
-            try:
-                async for data in resp.content.iter_any():
-                    n = counter.feed(data)
-                    if n and tracked:
-                        self.tracker.token(tracked, n)
-                    yield data
-                complete = True
-            except aiohttp.ClientError as exc:
-                self.proxy_errors_total += 1
-                yield oa.sse({"error": {"message": f"engine stream broke: {exc!r}", "type": "APIError",
-                                        "code": 502}})
-            finally:
-                if complete:
-                    resp.release()
-                else:  # closing the connection tells the engine to abort the request
-                    resp.close()
-                if tracked:
-                    self.tracker.finish(tracked)
+        def count(data: bytes) -> None:
+            n = counter.feed(data)
+            if n and tracked:
+                self.tracker.token(tracked, n)
 
-        return StreamingResponse(passthrough(), media_type="text/event-stream")
+        def end(status: str, error: str) -> None:
+            if status == "error":
+                self.proxy_errors_total += 1
+            if tracked:
+                self.tracker.finish(tracked)
+
+        return StreamingResponse(relay(resp, resp.content.iter_any(), on_chunk=count, on_end=end, upstream="engine"),
+                                 media_type="text/event-stream")
 
     def predict(self, raw: bytes) -> dict:
         t0 = time.perf_counter()
+        state = self.tracker.state()
         try:
-            body = orjson.loads(raw)
+            asked = PredictRequest.from_dict(orjson.loads(raw), state.config.max_model_len)
         except orjson.JSONDecodeError as exc:
             raise oa.ApiError(400, f"predict body is not valid JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise oa.ApiError(400, "predict body must be an object with 'candidates'")
-        target = body.get("target", "e2e")
-        if target not in TARGETS:
-            raise oa.ApiError(400, f"unknown target {target!r}; choose one of {TARGETS}", "target")
-        cands = body.get("candidates")
-        if not isinstance(cands, list) or not cands:
-            raise oa.ApiError(400, "'candidates' must be a non-empty list", "candidates")
-        state = self.tracker.state()
-        max_len = state.config.max_model_len
-        requests = []
-        for i, c in enumerate(cands):
-            p = c.get("prompt_tokens") if isinstance(c, dict) else None
-            if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p < max_len:
-                raise oa.ApiError(400, f"candidates[{i}].prompt_tokens must be an integer in [1, {max_len}), "
-                                       f"got {p!r}", "candidates")
-            est = c.get("predicted_output_tokens")
-            if est is not None and (isinstance(est, bool) or not isinstance(est, int) or est < 1):
-                raise oa.ApiError(400, f"candidates[{i}].predicted_output_tokens must be a positive integer",
-                                  "candidates")
-            requests.append(Request(-1 - i, state.clock, p, 1, est))
+        except ProtocolError as exc:
+            raise oa.ApiError(400, str(exc), exc.field) from exc
+        requests = [Request(-1 - i, state.clock, c.prompt_tokens, 1, c.predicted_output_tokens)
+                    for i, c in enumerate(asked.candidates)]
         scale = self.tracker.time_scale
         preds = []
-        for p in self.predictor.predict_many(state, requests, target=target, instance=self.name):
-            d = p.to_dict()
+        for p in self.predictor.predict_many(state, requests, target=asked.target, instance=self.name):
             for key in ("ttft", "e2e", "queueing", "added_delay", "state_age"):
-                d[key] = d[key] / scale
-            preds.append(d)
+                setattr(p, key, getattr(p, key) / scale)
+            preds.append(p)
         signals = LoadSignals.from_state(state, self.predictor.prior)
         self.predict_latency.observe(time.perf_counter() - t0)
-        return {"instance": self.name, "predictions": preds, "signals": asdict(signals),
-                "engine_ok": self.engine_ok}
+        return PredictResponse(self.name, preds, signals, self.engine_ok, self.predictor.label).to_dict()
 
     def state_json(self, with_requests: bool = True) -> dict:
         """The instance state; without requests (what a scheduler polls every 100 ms) it stays cheap."""
@@ -311,7 +317,8 @@ class SideCar:
         return {"instance": self.name, "time_scale": t.time_scale, "state": asdict(state) if with_requests else None,
                 "signals": asdict(LoadSignals.from_state(state, self.predictor.prior)),
                 "engine": {"running": t.engine_running, "waiting": t.engine_waiting, "kv_usage": t.kv_usage,
-                           "preemptions": t.engine_preemptions, "ok": self.engine_ok, "error": self.engine_error}}
+                           "preemptions": t.engine_preemptions, "ok": self.engine_ok, "error": self.engine_error},
+                "predictor": self.calibration.status()}
 
     def metrics_text(self) -> str:
         labels = f'instance="{self.name}"'
@@ -333,8 +340,6 @@ def build_app(car: SideCar) -> Starlette:
             return Response(orjson.dumps(car.predict(await request.body())), media_type="application/json")
         except ClientDisconnect:  # the scheduler's budget ran out; nobody is waiting for the answer
             return Response(status_code=499)
-        except oa.ApiError as err:
-            return Response(err.body(), status_code=err.status, media_type="application/json")
 
     async def state(request: HttpRequest) -> Response:
         brief = request.query_params.get("requests") == "0"
@@ -354,14 +359,18 @@ def build_app(car: SideCar) -> Starlette:
             async with car.client.get(car.engine_url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5.0)) as r:
                 return Response(await r.read(), status_code=r.status, media_type="application/json")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return Response(oa.ApiError(503, f"engine unreachable: {exc!r}").body(), status_code=503,
-                            media_type="application/json")
+            raise oa.ApiError(503, f"engine unreachable: {exc!r}") from exc
+
+    async def api_error(request: HttpRequest, exc: Exception) -> Response:
+        assert isinstance(exc, oa.ApiError)
+        return Response(exc.body(), status_code=exc.status, media_type="application/json")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         car.client = proxy_session()
         await car.sink.start()
         await car.poll_engine_once()  # know the engine's health before the first /state is served
+        await car.poll_steps_once()
         async with background(car.poll_engine()):
             yield
         await car.sink.stop()
@@ -375,13 +384,13 @@ def build_app(car: SideCar) -> Starlette:
         Route("/state", state),
         Route("/health", health),
         Route("/metrics", metrics),
-    ], lifespan=lifespan)
+    ], exception_handlers={oa.ApiError: api_error}, lifespan=lifespan)
 
 
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    from block.engines.emulator import add_engine_args, engine_config_from_args
+    from block.engines.settings import EngineSettings
 
     p = argparse.ArgumentParser(description="Block predictor side-car for one engine")
     p.add_argument("--engine-url", required=True)
@@ -390,11 +399,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="instance-0")
     p.add_argument("--collector-url")
     p.add_argument("--run-id", default="live")
-    add_engine_args(p)
+    EngineSettings.add_args(p)
     args = p.parse_args(argv)
-    config = engine_config_from_args(args)
-    tracker = InstanceTracker(config, args.time_scale)
-    predictor = Predictor(Roofline(get_gpu(args.gpu), get_model(args.model)), LengthPrior.embedded())
+    settings = EngineSettings.from_args(args)
+    tracker = InstanceTracker(settings.engine_config(), settings.time_scale)
+    predictor = build_predictor(LengthPrior.embedded(), settings.timing())
     car = SideCar(args.name, args.engine_url, tracker, predictor, sink=EventSink(args.collector_url, args.run_id))
     uvicorn.run(build_app(car), host=args.host, port=args.port, log_level="warning", access_log=False)
 
