@@ -58,7 +58,7 @@ def _capacity(job: tuple) -> dict:
     study = _study(quick, oracle, estimator)
     cap = capacity(lambda qps, s: study.run(policy, qps, s).records, slo, lo=lo, hi=hi, seeds=(seed,),
                    rel_tol=0.015)
-    return {"policy": policy, "seed": seed, "slo_s": slo, "capacity_qps": cap["capacity"],
+    return {"policy": policy, "seed": seed, "slo_ttft_p99_s": slo, "capacity_qps": cap["capacity"],
             "mode": study.honesty.label}
 
 
@@ -107,7 +107,7 @@ def main() -> None:
         agg = points.groupby(["qps", "policy"], sort=False)[["p50_ttft", "p99_ttft", "p50_e2e", "p99_e2e"]]
         print("\nLatency (seconds, mean over seeds)")
         print(agg.mean().round(3).to_string())
-    table = caps.groupby(["slo_s", "policy", "mode"], sort=False)["capacity_qps"].agg(["mean", "std", "min", "max"])
+    table = caps.groupby(["slo_ttft_p99_s", "policy", "mode"], sort=False)["capacity_qps"].agg(["mean", "std", "min", "max"])
     print("\nCapacity: highest QPS with P99 TTFT <= SLO (per-seed bisection)")
     print(table.round(2).to_string())
     out = Path(args.out)
@@ -115,7 +115,7 @@ def main() -> None:
     caps.to_csv(out / ("capacity_quick.csv" if quick else "capacity.csv"), index=False)
     if points is not None:
         points.to_csv(out / "latency.csv", index=False)
-    at3 = caps[(caps["slo_s"] == 3.0) & (caps["mode"] == "honest")].groupby("policy")["capacity_qps"].mean()
+    at3 = caps[(caps["slo_ttft_p99_s"] == 3.0) & (caps["mode"] == "honest")].groupby("policy")["capacity_qps"].mean()
     heuristics = at3[[p for p in at3.index if p in HEURISTICS]]
     blocks = at3[[p for p in at3.index if p in BLOCK_FAMILY]]
     best_h, best_b = heuristics.idxmax(), blocks.idxmax()

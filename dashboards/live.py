@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import holoviews as hv
 import panel as pn
@@ -16,6 +17,8 @@ from dashboards import plots
 from store.read import Reader
 
 pn.extension(sizing_mode="stretch_width")
+
+WINDOW_S = 300.0  # seconds of instance samples on the load and KV plots
 
 
 def _args() -> argparse.Namespace:
@@ -33,10 +36,10 @@ def build(reader: Reader, period_ms: int = 1000) -> pn.template.BaseTemplate:
              ("load", "kv", "latency", "decisions", "provisioning")}
 
     def update() -> None:
-        samples = reader.sql("SELECT * FROM instance_samples WHERE ts > epoch(now()) - 300")
-        reqs = reader.sql("SELECT * FROM requests WHERE source = 'scheduler' ORDER BY arrival_ts DESC LIMIT 5000")
-        decisions = reader.sql("SELECT * FROM decisions ORDER BY ts DESC LIMIT 500")
-        events = reader.sql("SELECT * FROM provisioning ORDER BY ts")
+        samples = reader.instance_samples(since_ts=time.time() - WINDOW_S)
+        reqs = reader.recent_requests(source="scheduler", limit=5000)
+        decisions = reader.recent_decisions(limit=500)
+        events = reader.provisioning_events()
         ok = reqs[reqs["status"] == "ok"] if not reqs.empty else reqs
         completed.value = len(ok)
         p99.value = float(ok["ttft"].quantile(0.99) * 1e3) if len(ok) else 0.0
@@ -53,7 +56,8 @@ def build(reader: Reader, period_ms: int = 1000) -> pn.template.BaseTemplate:
         panes["provisioning"]])
 
 
-args = _args()
-if args.collector_url is None and args.db is None:
-    raise SystemExit("dashboards/live.py: pass --collector-url URL (live) or --db FILE")
-build(Reader(collector_url=args.collector_url, db_path=args.db), args.period_ms).servable()
+if __name__.startswith("bokeh"):  # run by `panel serve`; importing the module (tests) builds nothing
+    args = _args()
+    if args.collector_url is None and args.db is None:
+        raise SystemExit("dashboards/live.py: pass --collector-url URL (live) or --db FILE")
+    build(Reader(collector_url=args.collector_url, db_path=args.db), args.period_ms).servable()

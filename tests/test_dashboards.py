@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from simulator.workload import Request
+from workbench.cli import main as block_cli
 from workbench.loadgen import run_load
 from workbench.local import EngineFlags, LocalCluster, free_port
 
@@ -110,13 +111,24 @@ def test_results_dashboard_renders_finished_runs(tmp_path):
         db = cluster.workspace / "block.duckdb"
     copy = tmp_path / "finished.duckdb"
     shutil.copy(db, copy)
-    with panel_serve("dashboards/results.py", ["--db", str(copy)]) as url:
+    cli = ["--preset", "demo", "--requests", "40", "--policies", "round_robin,least_requests", "--seeds", "0"]
+    capacity, latency = tmp_path / "capacity.csv", tmp_path / "compare.csv"
+    assert block_cli(["capacity", *cli, "--slo", "3", "--lo", "1", "--hi", "8", "--csv", str(capacity)]) == 0
+    assert block_cli(["compare", *cli, "--qps", "2,4", "--csv", str(latency)]) == 0
+    with panel_serve("dashboards/results.py", ["--db", str(copy), "--capacity", str(capacity),
+                                               "--latency", str(latency)]) as url:
         pw, b = browser()
         try:
             page = b.new_page(viewport={"width": 1400, "height": 900})
             page.goto(url)
             page.wait_for_selector("canvas", timeout=30000)
             assert page.locator("text=run-a").count() >= 1
+            assert page.locator("text=lacks the columns").count() == 0
+            figures = page.locator(".bk-Figure")  # one per plot: two CDFs, P99 TTFT and E2E by QPS, capacity
+            deadline = time.monotonic() + 30
+            while figures.count() < 5 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert figures.count() == 5
             page.screenshot(path=str(ARTIFACTS / "results_dashboard.png"), full_page=True)
         finally:
             b.close()

@@ -6,6 +6,7 @@ import pandas as pd
 
 from block.offline import ClusterSpec, Honesty, Study
 from store.collector import Store
+from store.schema import CounterfactualRow, DecisionRow, RequestRow, Row, RunRow
 
 # What limits a routing choice, timing or lengths: honest Block (E2E and TTFT targets), the best simple
 # heuristic, and Block with the world's timing or true lengths (oracles, labelled as such).
@@ -22,26 +23,25 @@ def save_offline_run(store: Store, run_id: str, policy: str, records: pd.DataFra
                      decisions: pd.DataFrame | None = None, audit: pd.DataFrame | None = None) -> int:
     """Simulated per-request records (simulator.metrics.records_frame) as ``requests`` rows, source 'sim'.
 
-    Simulated times are seconds from the start of the run; they are stored as they are. ``audit`` (a
-    RunResult's counterfactual audit) goes to ``counterfactuals``.
+    Simulated times are seconds from the start of the run; they are stored as they are. ``decisions`` (a
+    RunResult's frame of DecisionRow fields) goes to ``decisions`` and ``audit`` (its counterfactual audit)
+    to ``counterfactuals``, so an offline run fills the same tables, with the same columns, as a live one.
+    Everything is written in one checked batch: a malformed record leaves the store as it was.
     """
-    rows = [{"run_id": run_id, "request_id": str(r.request_id), "source": "sim", "instance": r.instance,
-             "policy": policy, "arrival_ts": r.arrival, "first_token_ts": r.first_token, "finish_ts": r.finish,
-             "prompt_tokens": int(r.prompt_tokens), "output_tokens": int(r.output_tokens), "ttft": r.ttft,
-             "e2e": r.e2e, "tpot": None if pd.isna(r.tpot) else r.tpot, "status": "ok", "error": "",
-             "retries": 0} for r in records.itertuples()]
-    store.insert("requests", rows)
-    store.insert("runs", [{"run_id": run_id, "started_at": 0.0, "label": "offline", "policy": policy,
-                           "config": ""}])
+    requests = [RequestRow(run_id=run_id, request_id=str(r.request_id), source="sim", instance=r.instance,
+                           policy=policy, arrival_ts=float(r.arrival), first_token_ts=float(r.first_token),
+                           finish_ts=float(r.finish), prompt_tokens=int(r.prompt_tokens),
+                           output_tokens=int(r.output_tokens), ttft=float(r.ttft), e2e=float(r.e2e),
+                           tpot=None if pd.isna(r.tpot) else float(r.tpot)) for r in records.itertuples()]
+    rows: list[Row] = [RunRow(run_id=run_id, started_at=0.0, label="offline", policy=policy), *requests]
     if decisions is not None and not decisions.empty:
-        store.insert("decisions", [{"run_id": run_id, "request_id": str(d.request_id), "ts": d.time,
-                                    "policy": policy, "chosen": d.instance, "decision_ms": None, "fallback": False,
-                                    "predicted_ttft": d.predicted_ttft, "predicted_e2e": d.predicted_e2e,
-                                    "candidates": ""} for d in decisions.itertuples()])
+        rows += [DecisionRow(**{**rec, "run_id": run_id, "request_id": str(rec["request_id"])})
+                 for rec in decisions.to_dict("records")]
     if audit is not None and not audit.empty:
-        store.insert("counterfactuals", [{**row, "run_id": run_id, "request_id": str(row["request_id"])}
-                                         for row in audit.to_dict("records")])
-    return len(rows)
+        rows += [CounterfactualRow(**{**rec, "run_id": run_id, "request_id": str(rec["request_id"])})
+                 for rec in audit.to_dict("records")]
+    store.insert_rows(rows)
+    return len(requests)
 
 
 def run_audited(store: Store, spec: ClusterSpec, requests: int, audit_every: int, qps: float,

@@ -20,6 +20,7 @@ import orjson
 
 from block.events import EventSink
 from simulator.workload import Request
+from store.schema import RequestRow
 
 
 @dataclass
@@ -50,14 +51,15 @@ class ClientRecord:
             return None
         return (self.finish_ts - self.first_token_ts) / (self.output_tokens - 1)
 
-    def row(self, policy: str | None) -> dict:
-        return {"request_id": self.request_id, "source": "client", "instance": self.instance, "policy": policy,
-                "arrival_ts": self.arrival_ts, "first_token_ts": self.first_token_ts, "finish_ts": self.finish_ts,
-                "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens, "ttft": self.ttft,
-                "e2e": self.e2e, "tpot": self.tpot,
-                "itl_mean": float(np.mean(self.itls)) if self.itls else None,
-                "itl_max": float(np.max(self.itls)) if self.itls else None,
-                "status": self.status, "error": self.error[:500], "retries": 0}
+    def row(self, policy: str | None) -> RequestRow:
+        """This request as the client saw it; the sink fills in the run."""
+        return RequestRow(request_id=self.request_id, source="client", instance=self.instance, policy=policy,
+                          arrival_ts=self.arrival_ts, first_token_ts=self.first_token_ts, finish_ts=self.finish_ts,
+                          prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens, ttft=self.ttft,
+                          e2e=self.e2e, tpot=self.tpot,
+                          itl_mean=float(np.mean(self.itls)) if self.itls else None,
+                          itl_max=float(np.max(self.itls)) if self.itls else None,
+                          status=self.status, error=self.error[:500], retries=0)
 
 
 def prompt_of(tokens: int) -> str:
@@ -130,7 +132,7 @@ async def run_load(base_url: str | Sequence[str], requests: Sequence[Request], m
         records.append(rec)
         await _one(client, urls[req.id % len(urls)], model, req, rec)
         if sink is not None:
-            sink.emit("requests", rec.row(policy))
+            sink.emit(rec.row(policy))
         done += 1
         if progress is not None:
             progress(done)
