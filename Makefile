@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(CORE)
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/block demo --workspace workspace/demo --qps 30 --requests 400 --max-output 512
+	$(VENV)/bin/block demo --workspace workspace/demo --time-scale 4 --qps 30 --requests 400 --max-output 512
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -25,10 +25,11 @@ import numpy as np
 import orjson
 import pandas as pd
 
+from block.engines.settings import EngineSettings
 from block.offline import ClusterSpec, Honesty, run_policy
 from simulator.workload import LengthPrior, Request, poisson_arrivals, synthetic_lengths
 from workbench.loadgen import prompt_of, run_load, summarize
-from workbench.local import EngineFlags, LocalCluster
+from workbench.local import LocalCluster
 
 
 def short_requests(n: int, qps: float, seed: int = 0) -> list[Request]:
@@ -39,8 +40,8 @@ def short_requests(n: int, qps: float, seed: int = 0) -> list[Request]:
 def added_latency(workspace: Path, n: int) -> tuple[dict, dict, dict]:
     reqs = short_requests(n, 50.0)
     with LocalCluster(workspace / "overhead", instances=8, policy="block",
-                      engine=EngineFlags(time_scale=1.0)) as cluster:
-        engines = [s.url for s in cluster.services.values() if s.kind == "engine"]
+                      engine=EngineSettings(time_scale=1.0)) as cluster:
+        engines = [url for name, url in cluster.urls().items() if name.endswith("-engine")]
         asyncio.run(run_load(engines, short_requests(40, 50.0, 9), "Llama-2-7B"))  # warm connections
         direct = summarize(asyncio.run(run_load(engines, reqs, "Llama-2-7B")))
         routed = summarize(asyncio.run(run_load(cluster.scheduler_url, reqs, "Llama-2-7B")))
@@ -74,7 +75,7 @@ async def closed_loop(url: str, seconds: float, clients: int) -> tuple[int, int]
 def throughput(workspace: Path, seconds: float) -> list[dict]:
     rows = []
     with LocalCluster(workspace / "throughput", instances=4, policy="least_requests",
-                      engine=EngineFlags(time_scale=50.0)) as cluster:
+                      engine=EngineSettings(time_scale=50.0)) as cluster:
         for policy in ("least_requests", "block"):
             cluster.set_policy(policy)
             asyncio.run(closed_loop(cluster.scheduler_url, 1.0, 32))
@@ -90,7 +91,7 @@ def live_vs_offline(workspace: Path, n: int, qps: float) -> pd.DataFrame:
     arr = poisson_arrivals(n, qps, rng)
     reqs = [Request(i, float(arr[i]), int(trace.prompt_tokens[i]), int(out[i])) for i in range(n)]
     with LocalCluster(workspace / "fidelity", instances=4, policy="block",
-                      engine=EngineFlags(time_scale=1.0, noise=0.05)) as cluster:
+                      engine=EngineSettings(time_scale=1.0, noise=0.05)) as cluster:
         live = summarize(asyncio.run(run_load(cluster.scheduler_url, reqs, "Llama-2-7B")))
     spec = ClusterSpec("A30", "Llama-2-7B", 4, 48, 512, 1052)
     offline = run_policy(spec, "block", reqs, prior=LengthPrior.embedded(), calibration_trace=trace,

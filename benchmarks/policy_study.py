@@ -107,7 +107,8 @@ def main() -> None:
         agg = points.groupby(["qps", "policy"], sort=False)[["p50_ttft", "p99_ttft", "p50_e2e", "p99_e2e"]]
         print("\nLatency (seconds, mean over seeds)")
         print(agg.mean().round(3).to_string())
-    table = caps.groupby(["slo_ttft_p99_s", "policy", "mode"], sort=False)["capacity_qps"].agg(["mean", "std", "min", "max"])
+    by = caps.groupby(["slo_ttft_p99_s", "policy", "mode"], sort=False)["capacity_qps"]
+    table = by.agg(["mean", "std", "min", "max"])
     print("\nCapacity: highest QPS with P99 TTFT <= SLO (per-seed bisection)")
     print(table.round(2).to_string())
     out = Path(args.out)

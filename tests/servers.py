@@ -8,7 +8,7 @@ import time
 
 import uvicorn
 
-from workbench.local import free_port
+from workbench.cluster import free_port
 
 
 @contextlib.contextmanager

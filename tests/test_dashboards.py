@@ -14,10 +14,12 @@ import httpx
 import numpy as np
 import pytest
 
+from block.engines.settings import EngineSettings
 from simulator.workload import Request
 from workbench.cli import main as block_cli
+from workbench.cluster import free_port
 from workbench.loadgen import run_load
-from workbench.local import EngineFlags, LocalCluster, free_port
+from workbench.local import LocalCluster
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +68,8 @@ def completed_value(page) -> int:
 
 def test_live_dashboard_updates_while_a_run_streams_in(tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with LocalCluster(tmp_path / "ws", instances=2, policy="block", engine=EngineFlags(time_scale=10.0)) as cluster, \
+    engine = EngineSettings(time_scale=10.0)
+    with LocalCluster(tmp_path / "ws", instances=2, policy="block", engine=engine) as cluster, \
             panel_serve("dashboards/live.py", ["--collector-url", cluster.collector_url]) as url:
         arr = np.cumsum(np.random.default_rng(0).exponential(1 / 8.0, 100))
         reqs = [Request(i, float(a), 60, 40) for i, a in enumerate(arr)]
@@ -97,7 +100,7 @@ def test_live_dashboard_updates_while_a_run_streams_in(tmp_path):
 def test_results_dashboard_renders_finished_runs(tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with LocalCluster(tmp_path / "ws", instances=1, policy="least_requests",
-                      engine=EngineFlags(time_scale=20.0)) as cluster:
+                      engine=EngineSettings(time_scale=20.0)) as cluster:
         from block.events import EventSink
 
         async def go():

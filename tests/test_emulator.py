@@ -89,17 +89,3 @@ def test_client_disconnect_cancels_the_request():
         time.sleep(0.05)
     assert emu.engine.num_running == 0 and emu.aborted_total == 1
     assert emu.engine.free_blocks == CFG.num_blocks
-
-
-def test_engine_flags_of_zero_are_refused_not_taken_as_the_default():
-    import argparse
-
-    from block.engines.emulator import add_engine_args, engine_config_from_args
-
-    p = argparse.ArgumentParser()
-    add_engine_args(p)
-    assert engine_config_from_args(p.parse_args(["--max-model-len", "512"])).max_model_len == 512
-    assert engine_config_from_args(p.parse_args([])).max_model_len == 4096
-    for flag, field in (("--max-model-len", "max_model_len"), ("--num-blocks", "num_blocks")):
-        with pytest.raises(ValueError, match=f"{field} must be >= 1, got 0"):
-            engine_config_from_args(p.parse_args([flag, "0"]))

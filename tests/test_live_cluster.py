@@ -8,10 +8,11 @@ import time
 import numpy as np
 import pytest
 
+from block.engines.settings import EngineSettings
 from block.events import EventSink
 from simulator.workload import Request, poisson_arrivals
 from workbench.loadgen import run_load, summarize
-from workbench.local import EngineFlags, LocalCluster
+from workbench.local import LocalCluster
 
 
 def workload(n, qps, prompt=60, out=48, seed=0):
@@ -33,7 +34,7 @@ def replay(cluster, requests, label):
 
 @pytest.fixture
 def local(tmp_path):
-    c = LocalCluster(tmp_path / "ws", instances=3, policy="block", engine=EngineFlags(time_scale=10.0))
+    c = LocalCluster(tmp_path / "ws", instances=3, policy="block", engine=EngineSettings(time_scale=10.0))
     c.start()
     yield c
     pids = c.pids()
@@ -57,7 +58,7 @@ def test_killing_an_engine_mid_run_loses_no_request(local):
     late = [r for r in records if r.arrival_ts > records[0].arrival_ts + 3.0]
     assert late and all(r.status == "ok" and r.instance != "instance-1" for r in late)
     time.sleep(0.5)
-    down = local._admin("GET", "/admin/instances").json()
+    down = local.admin("GET", "/admin/instances")
     assert next(i for i in down if i["name"] == "instance-1")["status"] == "down"
 
 

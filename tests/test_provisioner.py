@@ -4,6 +4,7 @@ import time
 import numpy as np
 import pytest
 
+from block.engines.settings import EngineSettings
 from block.events import EventSink
 from block.offline import get_preset, run_provisioning
 from block.predictor import Predictor
@@ -14,7 +15,7 @@ from simulator.timing import Roofline
 from simulator.workload import LengthPrior, Request, lengths_source, rate_arrivals
 from workbench.autoscale import LiveAutoscaler
 from workbench.loadgen import run_load
-from workbench.local import EngineFlags, LocalCluster
+from workbench.local import LocalCluster
 
 PRED = Predictor(Roofline(get_gpu("A30"), get_model("Llama-2-7B")), LengthPrior.embedded())
 
@@ -70,7 +71,7 @@ def test_offline_predictive_beats_reactive_on_a_ramp(data_dir):
 
 
 def test_live_controller_scales_out_under_a_step_and_back_in(tmp_path):
-    flags = EngineFlags(gpu="L4", max_num_seqs=8, num_blocks=900, time_scale=4.0)
+    flags = EngineSettings(gpu="L4", max_num_seqs=8, num_blocks=900, time_scale=4.0)
     cluster = LocalCluster(tmp_path / "ws", instances=1, policy="least_requests", engine=flags)
     config = ProvisionerConfig(mode="predictive", slo_ttft=3.0, min_instances=1, max_instances=3, cold_start=12.0,
                                period=2.0, cooldown_out=4.0, cooldown_in=8.0, hold_in=8.0, window=8.0)

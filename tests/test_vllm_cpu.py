@@ -19,9 +19,8 @@ import pytest
 from block.prometheus import parse_label, parse_metrics
 from simulator.workload import Request
 from store.read import Reader
-from workbench.cluster import Cluster, parse_cluster
+from workbench.cluster import Cluster, free_port, parse_cluster
 from workbench.loadgen import run_load
-from workbench.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("BLOCK_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))

@@ -4,13 +4,17 @@ import asyncio
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 import asyncssh
 import pytest
 
+from block.engines.settings import EngineSettings
 from workbench.check import check
-from workbench.cluster import Cluster, Host, load_cluster, parse_cluster
+from workbench.cluster import Cluster, ClusterSpec, Host, free_port, load_cluster, parse_cluster
 from workbench.sshserver import start_loopback_ssh
+
+ARGV = ("http://e", "http://c", "run")  # engine URL, collector URL, run id for InstanceSpec.argv
 
 TOML = """
 [[hosts]]
@@ -52,6 +56,10 @@ def test_cluster_files_are_checked():
         parse_cluster({**base, "instances": [{"name": "x", "host": "a", "env": "CUDA_VISIBLE_DEVICES=1"}]})
     with pytest.raises(ValueError, match="bad hosts\\[0\\]"):
         parse_cluster({**base, "hosts": [{"name": "a", "colour": "red"}]})
+    with pytest.raises(ValueError, match="instance x: bad engine flag: argument --time-scale: invalid float"):
+        parse_cluster({**base, "instances": [{"name": "x", "host": "a", "flags": ["--time-scale", "fast"]}]})
+    with pytest.raises(ValueError, match=r"instance x: EngineConfig\.num_blocks must be >= 1, got 0"):
+        parse_cluster({**base, "instances": [{"name": "x", "host": "a", "flags": ["--num-blocks", "0"]}]})
 
 
 def test_the_documented_cluster_file_parses():
@@ -62,10 +70,13 @@ def test_the_documented_cluster_file_parses():
 
     example = textwrap.dedent(workbench.cluster.__doc__.split("A cluster file (TOML):\n", 1)[1])
     spec = parse_cluster(tomllib.loads(example))
-    vllm = spec.instances[1]
+    emulated, vllm = spec.instances
     assert (vllm.engine, vllm.served, vllm.env) == ("vllm", "llama-2-7b", {"CUDA_VISIBLE_DEVICES": "1"})
-    assert vllm.sidecar_args() == ["--max-num-seqs", "48", "--gpu", "A30"]
-    assert spec.instances[0].sidecar_args() == spec.instances[0].flags
+    assert vllm.argv(*ARGV)[1][-6:] == ["--model", "Llama-2-7B", "--max-num-seqs", "48", "--gpu", "A30"]
+    settings = EngineSettings(gpu="A30", time_scale=4.0)
+    assert emulated.settings() == (settings, [])
+    engine, car = emulated.argv(*ARGV)
+    assert engine[-len(settings.argv()):] == car[-len(settings.argv()):] == settings.argv()
 
 
 def test_a_vllm_sidecar_shares_the_engine_limits_and_nothing_else():
@@ -74,8 +85,56 @@ def test_a_vllm_sidecar_shares_the_engine_limits_and_nothing_else():
         "instances": [{"name": "v", "host": "a", "engine": "vllm", "model": "/m", "sidecar_flags": ["--gpu", "L4"],
                        "flags": ["--python", "/v/bin/python", "--max-num-seqs", "8", "--dtype", "half",
                                  "--max-num-batched-tokens=1024", "--max-model-len", "2048"]}]}).instances[0]
-    assert inst.sidecar_args() == ["--max-num-seqs", "8", "--max-num-batched-tokens=1024", "--max-model-len", "2048",
-                                   "--gpu", "L4"]
+    engine, car = inst.argv(*ARGV)
+    assert engine[-9:] == inst.flags
+    assert car[car.index("--model"):] == ["--model", "/m", "--max-num-seqs", "8", "--max-num-batched-tokens=1024",
+                                          "--max-model-len", "2048", "--gpu", "L4"]
+
+
+def test_an_emulated_engine_and_its_sidecar_get_the_same_engine_settings(monkeypatch):
+    """One EngineSettings reaches both services of an emulated instance, through their own argument parsers:
+    the side-car predicts for the engine that is there."""
+    import uvicorn
+
+    from block.engines import emulator
+    from block.predictor import service
+
+    settings = EngineSettings(gpu="L4", num_blocks=900, max_num_seqs=8, max_model_len=2048, time_scale=7.5,
+                              noise=0.1)
+    engine, car = ClusterSpec.local(2, settings, "block", "ws").instances[1].argv(*ARGV)
+    assert engine[:4] == ["--name", "instance-1", "--served-model-name", "Llama-2-7B"]
+    assert car[:8] == ["--name", "instance-1", "--engine-url", "http://e", "--collector-url", "http://c", "--run-id",
+                       "run"]
+    assert engine[-2:] == ["--seed", "2"]  # the emulator's own flag, which the side-car does not take
+    seen = []
+    parse = EngineSettings.from_args.__func__
+
+    def recording(cls, args):
+        seen.append(parse(cls, args))
+        return seen[-1]
+
+    monkeypatch.setattr(EngineSettings, "from_args", classmethod(recording))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    emulator.main(engine)
+    service.main(car)
+    assert seen == [settings, settings]
+
+
+def test_a_local_spec_picks_free_ports_and_never_reuses_a_name(tmp_path):
+    spec = ClusterSpec.local(3, EngineSettings(time_scale=10.0), "round_robin", tmp_path)
+    ports = [p for i in spec.instances for p in (i.engine_port, i.sidecar_port)]
+    ports += [spec.scheduler.port, spec.collector.port]
+    assert len(set(ports)) == len(ports)
+    assert spec.host("local").local and spec.host("local").workdir == str(tmp_path.resolve())
+    assert (spec.scheduler.policy, spec.collector.db) == ("round_robin", str(tmp_path.resolve() / "block.duckdb"))
+    assert [i.name for i in spec.instances] == ["instance-0", "instance-1", "instance-2"]
+    spec.instances.pop()
+    assert spec.new_instance().name == "instance-3"
+
+
+def test_the_local_cluster_facade_is_gone_or_small():
+    local = Path(__file__).resolve().parents[1] / "workbench" / "local.py"
+    assert not local.exists() or len(local.read_text().splitlines()) < 60
 
 
 def test_two_hosts_over_ssh_start_serve_and_stop_cleanly(tmp_path):
@@ -106,8 +165,6 @@ def test_host_keys_are_verified(tmp_path):
 
 
 def test_localhost_uses_the_same_interface_without_ssh(tmp_path):
-    from workbench.local import free_port
-
     path = tmp_path / "cluster.toml"
     path.write_text(TOML.format(wd=tmp_path, py=sys.executable, e=free_port(), s=free_port(), sched=free_port(),
                                 coll=free_port()))

@@ -1,9 +1,9 @@
-"""The provisioning controller driving a live local cluster (``block up --autoscale``).
+"""The provisioning controller driving a live cluster (``block up --autoscale``).
 
 It builds the same ``Observation`` the offline simulator builds, from live sources: each side-car's
 InstanceState and the scheduler's decisions and request records in the store. Everything is converted
 to emulated-GPU seconds (wall seconds x time scale), the unit the predictor and the SLO are in. Actions
-go through the LocalCluster: a new engine + side-car, registered when healthy; a drain, and removal
+go through the cluster driver: a new engine + side-car, registered when healthy; a drain, and removal
 once the instance has no work left. A failed start is logged, stored, and retried with back-off; it
 never turns into a loop of starts.
 """
@@ -14,21 +14,39 @@ import dataclasses
 import logging
 import threading
 import time
+from typing import Protocol
 
 import httpx
 
 from block.provisioner import InstanceView, Observation, Provisioner
 from simulator.engine import InstanceState
-from workbench.local import LocalCluster
+from store.read import Reader
+from store.schema import ProvisioningRow
+from workbench.cluster import ClusterSpec, InstanceSpec
 
 log = logging.getLogger(__name__)
 
 
+class Driver(Protocol):
+    """What the controller needs of the cluster driver, blocking (``workbench.local.LocalCluster``)."""
+
+    spec: ClusterSpec  # spec.engine: what an added instance is, and so the time scale
+    run_id: str
+    collector_url: str
+
+    def reader(self) -> Reader: ...
+    def instance_names(self) -> list[str]: ...
+    def sidecar_url(self, name: str) -> str: ...
+    def add_instance(self, inst: InstanceSpec | None = None, timeout: float | None = None) -> str: ...
+    def drain_instance(self, name: str) -> None: ...
+    def remove_instance(self, name: str) -> None: ...
+
+
 class LiveAutoscaler:
-    def __init__(self, cluster: LocalCluster, provisioner: Provisioner):
+    def __init__(self, cluster: Driver, provisioner: Provisioner):
         self.cluster = cluster
         self.provisioner = provisioner
-        self.scale = cluster.engine.time_scale
+        self.scale = cluster.spec.engine.time_scale
         self.draining: set[str] = set()
         self.failures = 0
         self.retry_at = 0.0
@@ -55,25 +73,25 @@ class LiveAutoscaler:
         now = self.emu(wall)
         window_wall = self.provisioner.config.window * 4 / self.scale
         reader = self.cluster.reader()
-        arrivals = reader.sql(f"SELECT ts FROM decisions WHERE ts > {wall - window_wall} ORDER BY ts")["ts"]
-        firsts = reader.sql(f"SELECT first_token_ts, ttft FROM requests WHERE source = 'scheduler' AND "
-                            f"first_token_ts > {wall - window_wall}")
+        arrivals = reader.decision_times_since(wall - window_wall)["ts"]
+        firsts = reader.first_tokens_since(wall - window_wall)
         instances = []
         for name in self.cluster.instance_names():
-            car = self.cluster.services.get(f"{name}-sidecar")
-            state = self._state(car.url, now) if car else None
+            state = self._state(self.cluster.sidecar_url(name), now)
             instances.append(InstanceView(name, state, state is not None, name in self.draining))
         return Observation(now, instances, [self.emu(t) for t in arrivals],
                            [(self.emu(t), v * self.scale) for t, v in zip(firsts["first_token_ts"], firsts["ttft"],
                                                                           strict=True)])
 
     def _store(self, decision, status: str) -> None:
-        row = {"run_id": self.cluster.run_id, "ts": time.time(), "action": decision.action,
-               "instance": decision.instance, "reason": decision.reason, "signal": decision.signal,
-               "value": decision.value, "threshold": decision.threshold, "status": status,
-               "instances": decision.instances}
+        row = ProvisioningRow(run_id=self.cluster.run_id, ts=time.time(), action=decision.action,
+                              instance=decision.instance, reason=decision.reason, signal=decision.signal,
+                              value=decision.value, threshold=decision.threshold, status=status,
+                              instances=decision.instances)
         try:
-            httpx.post(self.cluster.collector_url + "/events", json={"provisioning": [row]}, timeout=5.0)
+            resp = httpx.post(self.cluster.collector_url + "/events", json={"provisioning": [row.to_dict()]},
+                              timeout=5.0)
+            resp.raise_for_status()
         except httpx.HTTPError as exc:
             log.warning("could not store provisioning event: %s", exc)
 
@@ -102,8 +120,7 @@ class LiveAutoscaler:
     def _reap_drained(self) -> None:
         """Remove drained instances once their side-car shows no request left: nothing in flight dies."""
         for name in list(self.draining):
-            car = self.cluster.services.get(f"{name}-sidecar")
-            state = self._state(car.url, 0.0) if car else None
+            state = self._state(self.cluster.sidecar_url(name), 0.0)
             if state is not None and not state.requests:
                 self.cluster.remove_instance(name)
                 self.draining.discard(name)

@@ -15,17 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
+from block.engines.settings import EngineSettings
 from simulator.workload import Request
-from workbench.cluster import Cluster, ClusterSpec, InstanceSpec, ServiceSpec
+from workbench.cluster import Cluster, ClusterSpec, InstanceSpec, ServiceSpec, free_port
 from workbench.loadgen import run_load, summarize
-from workbench.local import free_port
-from workbench.sshserver import start_loopback_ssh
+from workbench.sshserver import LoopbackSSH, start_loopback_ssh
 
 
-def two_host_spec(ssh, workdir: str) -> ClusterSpec:
+def two_host_spec(ssh: LoopbackSSH, workdir: str) -> ClusterSpec:
+    """One emulated instance (A30 at 20x speed) on each of two "hosts" reached over ``ssh``."""
     hosts = {n: ssh.host(n, workdir, sys.executable) for n in ("host-a", "host-b")}
-    flags = ["--gpu", "A30", "--num-blocks", "1052", "--max-num-seqs", "48", "--time-scale", "20"]
-    instances = [InstanceSpec(f"{h}-0", h, "emulator", free_port(), free_port(), flags=flags) for h in hosts]
+    engine = EngineSettings(time_scale=20.0)
+    instances = [InstanceSpec.emulated(f"{h}-0", h, engine, free_port(), free_port()) for h in hosts]
     return ClusterSpec(hosts, instances, ServiceSpec("host-a", free_port(), "block"),
                        ServiceSpec("host-b", free_port(), db=f"{workdir}/block.duckdb"))
 
@@ -36,7 +37,7 @@ async def check(folder: Path, n: int = 50) -> dict:
     pids: list[int] = []
     try:
         await cluster.start()
-        pids = [s.pid for s in cluster.started.values()]
+        pids = cluster.pids()
         arr = np.cumsum(np.random.default_rng(0).exponential(1 / 20.0, n))
         records = await run_load(cluster.scheduler_url, [Request(i, float(a), 40, 24) for i, a in enumerate(arr)],
                                  "Llama-2-7B")

@@ -17,6 +17,7 @@ import orjson
 import pandas as pd
 from tqdm import tqdm
 
+from block.engines.settings import EngineSettings
 from block.events import EventSink
 from block.offline import (
     PRESETS,
@@ -29,15 +30,13 @@ from block.offline import (
     run_policy,
 )
 from block.policies import HEURISTICS, POLICIES
-from block.predictor import Predictor
+from block.predictor import build_predictor
 from block.provisioner import Provisioner, ProvisionerConfig
-from simulator.hardware import get_gpu, get_model
-from simulator.timing import Roofline
 from simulator.workload import LengthPrior, lengths_source, poisson_workload, trace_workload
 from workbench.autoscale import LiveAutoscaler
 from workbench.loadgen import run_load
 from workbench.loadgen import summarize as summarize_load
-from workbench.local import EngineFlags, LocalCluster
+from workbench.local import LocalCluster
 
 
 def _floats(text: str) -> list[float]:
@@ -162,14 +161,9 @@ def _live_workload(args: argparse.Namespace) -> list:
     return poisson_workload(trace, args.requests, args.qps, args.seed)
 
 
-def _engine_flags(args: argparse.Namespace) -> EngineFlags:
-    return EngineFlags(gpu=args.gpu, model=args.model, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens, time_scale=args.time_scale)
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     cluster = LocalCluster(Path(args.workspace), instances=args.instances, policy=args.policy,
-                           engine=_engine_flags(args))
+                           engine=EngineSettings.from_args(args))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -183,9 +177,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                   f"TTFT SLO {args.slo_ttft}s; decisions go to the provisioning table")
         print(f"scheduler  {cluster.scheduler_url}  (OpenAI API; admin token {cluster.admin_token})")
         print(f"collector  {cluster.collector_url}  (DuckDB {Path(args.workspace) / 'block.duckdb'})")
-        for svc in cluster.services.values():
-            if svc.kind in ("engine", "sidecar"):
-                print(f"{svc.name:22} {svc.url}")
+        for name, url in cluster.urls().items():
+            if name not in ("scheduler", "collector"):
+                print(f"{name:22} {url}")
         print("Ctrl-C stops the cluster", flush=True)
         stop.wait()
     finally:
@@ -200,7 +194,7 @@ def _autoscaler(cluster: LocalCluster, args: argparse.Namespace) -> LiveAutoscal
     """The predictive or reactive controller on a live cluster; times in emulated-GPU seconds."""
     config = ProvisionerConfig(mode=args.autoscale, slo_ttft=args.slo_ttft, min_instances=args.min_instances,
                                max_instances=args.max_instances, cold_start=args.cold_start)
-    predictor = Predictor(Roofline(get_gpu(args.gpu), get_model(args.model)), LengthPrior.embedded())
+    predictor = build_predictor(LengthPrior.embedded(), EngineSettings.from_args(args).timing())
     return LiveAutoscaler(cluster, Provisioner(config, predictor))
 
 
@@ -231,7 +225,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     requests = _live_workload(args)
     workspace = Path(args.workspace)
     cluster = LocalCluster(workspace, instances=args.instances, policy=args.policies.split(",")[0],
-                           engine=_engine_flags(args))
+                           engine=EngineSettings.from_args(args))
     print(f"starting {args.instances} emulated {args.gpu} instances ({args.model}, x{args.time_scale} speed), "
           f"side-cars, scheduler and collector on 127.0.0.1 ...", flush=True)
     with cluster:
@@ -349,20 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--requests", type=int, default=requests)
         p.add_argument("--max-output", type=int, help="clip response lengths (keeps live runs short)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--model", default="Llama-2-7B")
 
-    def engine_args(p: argparse.ArgumentParser) -> None:
+    def cluster_args(p: argparse.ArgumentParser) -> None:
+        """A local emulated cluster: its workspace, size and engine flags (EngineSettings' defaults)."""
         p.add_argument("--workspace", default="workspace", help="folder for the DuckDB file and service logs")
         p.add_argument("--instances", type=int, default=4)
-        p.add_argument("--gpu", default="A30")
-        p.add_argument("--num-blocks", type=int, default=1052)
-        p.add_argument("--max-num-seqs", type=int, default=48)
-        p.add_argument("--max-num-batched-tokens", type=int, default=512)
-        p.add_argument("--time-scale", type=float, default=4.0, help="emulated GPUs run this much faster")
+        EngineSettings.add_args(p)
 
     p = sub.add_parser("up", help="start a local emulated cluster (Ctrl-C stops it)")
-    engine_args(p)
-    p.add_argument("--model", default="Llama-2-7B")
+    cluster_args(p)
     p.add_argument("--policy", default="block")
     p.add_argument("--autoscale", choices=("predictive", "reactive"), help="run the provisioning controller")
     p.add_argument("--min-instances", type=int, default=1)
@@ -374,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="open-loop load against an OpenAI-compatible URL")
     p.add_argument("--url", required=True)
     live_args(p, 4.0, 200)
+    p.add_argument("--model", default=EngineSettings.model, help="model id sent to --url")
     p.add_argument("--collector-url")
     p.add_argument("--run-id", default="bench")
     p.add_argument("--label", help="policy label stored with the results")
@@ -401,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_length_tag)
 
     p = sub.add_parser("demo", help="live demo: local cluster, one replay per policy, summary from DuckDB")
-    engine_args(p)
+    cluster_args(p)
     live_args(p, 10.0, 300)
     p.add_argument("--policies", default="round_robin,least_requests,block")
     p.set_defaults(func=cmd_demo)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import asyncssh
 
-from workbench.cluster import HostSpec
-from workbench.local import free_port
+from workbench.cluster import HostSpec, free_port
 
 
 async def _run_command(process: asyncssh.SSHServerProcess) -> None:
