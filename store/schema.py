@@ -47,8 +47,9 @@ class RequestRow(Row):
     TABLE = "requests"
     PRIMARY_KEY = ("run_id", "request_id", "source")
 
-    request_id: str
+    request_id: str  # the id of the observer that wrote the row (the scheduler's own id, unique per request)
     source: str
+    client_request_id: str | None = None  # the client's x-request-id, kept as given (not unique)
     instance: str | None
     policy: str | None
     arrival_ts: float
@@ -132,8 +133,21 @@ class ProvisioningRow(Row):
     instances: int
 
 
+@dataclass(kw_only=True)
+class ServiceEventRow(Row):
+    """What the cluster driver did to a service: started, crashed, restarted (with back-off), stopped."""
+
+    TABLE = "service_events"
+
+    ts: float
+    service: str
+    host: str
+    event: str
+    detail: str = ""
+
+
 ROWS: tuple[type[Row], ...] = (RunRow, RequestRow, DecisionRow, CounterfactualRow, InstanceSampleRow,
-                               ProvisioningRow)
+                               ProvisioningRow, ServiceEventRow)
 
 
 def _duck_type(annotation: object) -> str:

@@ -1,0 +1,86 @@
+"""The cluster token: what every service asks for when it listens anywhere but loopback.
+
+On 127.0.0.1 only this machine can connect, so services run open there. Bound to any other address they
+refuse to start without a cluster token, and then answer protected routes only to requests carrying
+``Authorization: Bearer <token>``, compared in constant time. The token comes from the environment
+(``BLOCK_CLUSTER_TOKEN``) or a file (``BLOCK_CLUSTER_TOKEN_FILE``), never from argv, where ``ps`` shows
+it to every user. It lives in ``store``, the lowest layer, because the collector needs it as much as
+the services in ``block`` do.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+TOKEN_ENV = "BLOCK_CLUSTER_TOKEN"
+TOKEN_FILE_ENV = "BLOCK_CLUSTER_TOKEN_FILE"
+
+
+def cluster_token() -> str | None:
+    """The token from the environment or its file; None when neither is set. A file that is named but
+    unreadable or empty is an error, not a silent "no token"."""
+    value = os.environ.get(TOKEN_ENV)
+    if value:
+        return value.strip()
+    path = os.environ.get(TOKEN_FILE_ENV)
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{TOKEN_FILE_ENV}={path}: cannot read the cluster token: {exc}") from exc
+    if not text:
+        raise ValueError(f"{TOKEN_FILE_ENV}={path}: the token file is empty")
+    return text
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def token_for(host: str, service: str) -> str | None:
+    """The token a service bound to ``host`` must demand: None on loopback (unless one is configured),
+    and a clear error off loopback when none is configured."""
+    token = cluster_token()
+    if token is None and not is_loopback(host):
+        raise ValueError(f"{service}: refusing to listen on {host} without a cluster token; set {TOKEN_ENV} "
+                         f"or {TOKEN_FILE_ENV} (never a command-line flag), or bind 127.0.0.1")
+    return token
+
+
+def authorized(header: str | None, token: str) -> bool:
+    return hmac.compare_digest((header or "").encode(), f"Bearer {token}".encode())
+
+
+class TokenGuard:
+    """ASGI middleware: requests to ``protected`` path prefixes need the cluster token (401 otherwise)."""
+
+    def __init__(self, app, token: str | None, protected: Sequence[str] = ("/",)):
+        self.app = app
+        self.token = token
+        self.protected = tuple(protected)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.token is None or scope["type"] != "http" or not scope["path"].startswith(self.protected):
+            await self.app(scope, receive, send)
+            return
+        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        if authorized(header, self.token):
+            await self.app(scope, receive, send)
+            return
+        body = orjson.dumps({"error": {"message": "missing or wrong cluster token", "type": "AuthenticationError",
+                                       "param": None, "code": 401}})
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
