@@ -12,6 +12,17 @@ of ``offset mod block_size`` and completions sit in a heap keyed by the iteratio
 This makes a run of k decode-only iterations O(block_size) instead of O(k * batch), and it gives exactly
 the same per-request timestamps as stepping (tested), because the jump stops before any iteration where
 something else could happen: an arrival, a completion, an admission, or a block allocation that fails.
+
+Automatic prefix caching follows vLLM v1. A request may carry the chained hashes of its full blocks
+(``Request.block_hashes``; prompt blocks, and for multi-turn work the blocks of its own answer). When it is
+admitted, the longest run of leading blocks found in the cache is reused (at most up to its last token,
+which is always recomputed for its logits) and skips prefill. Prompt blocks are registered as their
+prefill completes; every full block with a known hash stays cached when its request finishes or is
+preempted. Cached blocks are reference counted; the unreferenced ones are free for allocation and are
+evicted least recently freed first (a request's tail blocks before its head). Hits and queried prompt
+tokens are counted like vLLM's ``prefix_cache_hits``/``prefix_cache_queries``. The decode fast path is
+unchanged: a decode-only run only takes free blocks (evicting cached ones) and can only lower the head
+of the queue's hits, so an admission blocked at the start of a run stays blocked through it.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ class EngineConfig:
     chunked_prefill: bool = True
     watermark: float = 0.01
     max_model_len: int = 4096
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -78,6 +90,8 @@ class RequestState:
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
     preemptions: int = 0
+    block_hashes: list[int] | None = None  # chained hashes of the request's full blocks, when known
+    cached_blocks: int = 0  # leading blocks it holds as shared prefix-cache entries
 
 
 @dataclass
@@ -92,6 +106,17 @@ class InstanceState:
     clock: float
     requests: list[RequestState] = field(default_factory=list)
     total_preemptions: int = 0
+    cached: list[int] = field(default_factory=list)  # unreferenced cached block hashes, next to evict first
+
+    def used_blocks(self) -> int:
+        """KV blocks in use: each request's own blocks, plus every shared prefix block once."""
+        shared: set[int] = set()
+        used = 0
+        for r in self.requests:
+            used += r.allocated_blocks - r.cached_blocks
+            if r.cached_blocks and r.block_hashes:
+                shared.update(r.block_hashes[: r.cached_blocks])
+        return used + len(shared)
 
     def validate(self) -> None:
         cfg = self.config
@@ -121,10 +146,14 @@ class InstanceState:
             if r.allocated_blocks < need:
                 raise ValueError(f"{where}: {r.computed_tokens} computed tokens need {need} blocks, "
                                  f"{r.allocated_blocks} allocated")
-            used += r.allocated_blocks
+            if r.cached_blocks and (r.block_hashes is None or r.cached_blocks > min(len(r.block_hashes), need)):
+                raise ValueError(f"{where}: holds {r.cached_blocks} cached blocks but has "
+                                 f"{len(r.block_hashes or [])} block hashes and {need} computed blocks")
             running += r.phase == "running"
-        if used > cfg.num_blocks:
-            raise ValueError(f"InstanceState: {used} blocks allocated but the instance has {cfg.num_blocks}")
+        used = self.used_blocks()
+        if used + len(self.cached) > cfg.num_blocks:
+            raise ValueError(f"InstanceState: {used} blocks allocated and {len(self.cached)} cached, but the "
+                             f"instance has {cfg.num_blocks}")
         if running > cfg.max_num_seqs:
             raise ValueError(f"InstanceState: {running} running requests exceed max_num_seqs {cfg.max_num_seqs}")
 
@@ -139,6 +168,7 @@ class InstanceState:
                 float(data["clock"]),
                 [RequestState(**r) for r in data.get("requests", [])],
                 int(data.get("total_preemptions", 0)),
+                [int(h) for h in data.get("cached", [])],
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not an InstanceState: {exc}") from exc
@@ -161,6 +191,8 @@ class Seq:
         "first_scheduled",
         "first_token",
         "generated",
+        "hashes",
+        "held",
         "id",
         "in_decode",
         "offset",
@@ -172,8 +204,11 @@ class Seq:
         "version",
     )
 
-    def __init__(self, rid: int, arrival: float, prompt: int, target: int, predicted: int | None = None):
+    def __init__(self, rid: int, arrival: float, prompt: int, target: int, predicted: int | None = None,
+                 hashes: tuple[int, ...] = ()):
         self.id = rid
+        self.hashes = hashes  # chained hashes of full blocks (prompt, then answer when known)
+        self.held = 0  # leading blocks held as shared prefix-cache entries
         self.arrival = arrival
         self.prompt = prompt
         self.target = target
@@ -230,6 +265,13 @@ class Engine:
         self._max_seqs = config.max_num_seqs
         self._chunked = config.chunked_prefill
         self._watermark = config.watermark_blocks
+        self._caching = config.prefix_caching
+        self._refs: dict[int, int] = {}  # cached block hash -> running requests holding it
+        self._lru: dict[int, None] = {}  # unreferenced cached hashes (also counted free), next to evict first
+        self._cache_version = 0
+        self._hit_memo: tuple[Seq | None, int, int, int] = (None, -1, 0, 0)
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
 
     # ---- requests in and out ---------------------------------------------------------------------
     def add_request(self, request: Request, target: int | None = None) -> Seq:
@@ -237,7 +279,12 @@ class Engine:
         out = request.output_tokens if target is None else target
         validate_lengths(request.prompt_tokens, out, where=f"{self.name}: request {request.id}",
                          max_context=self.config.max_model_len)
-        seq = Seq(request.id, request.arrival, request.prompt_tokens, out, request.predicted_output_tokens)
+        full = (request.prompt_tokens + out) // self._bs
+        if len(request.block_hashes) > full:
+            raise ValueError(f"{self.name}: request {request.id} has {len(request.block_hashes)} block hashes but "
+                             f"{request.prompt_tokens} + {out} tokens fill only {full} blocks of {self._bs}")
+        seq = Seq(request.id, request.arrival, request.prompt_tokens, out, request.predicted_output_tokens,
+                  request.block_hashes if self._caching else ())
         self._check_fits(seq)
         if not self.has_work():
             self.now = max(self.now, request.arrival)
@@ -288,13 +335,96 @@ class Engine:
     def _blocks_of(self, tokens: int) -> int:
         return -(-tokens // self.config.block_size)
 
+    # ---- prefix cache ----------------------------------------------------------------------------
+    def _evict_excess(self) -> None:
+        """Free blocks were taken: evict cached hashes until the cached ones fit in what is free."""
+        lru = self._lru
+        while len(lru) > self.free_blocks:
+            del lru[next(iter(lru))]
+            self._cache_version += 1
+
+    def _release(self, s: Seq) -> None:
+        """Give back a leaving request's blocks: its full blocks with known hashes stay cached (tail ones
+        to be evicted first), shared ones it still holds are released, the rest become free."""
+        blocks = self._blocks_of(s.computed)
+        freed = blocks - s.held
+        if s.hashes:
+            refs, lru = self._refs, self._lru
+            for i in range(min(len(s.hashes), s.computed // self._bs) - 1, -1, -1):
+                h = s.hashes[i]
+                if i < s.held:
+                    n = refs[h] - 1
+                    if n:
+                        refs[h] = n
+                        continue
+                    del refs[h]
+                    freed += 1
+                elif h in refs or h in lru:
+                    continue  # another request cached this block first; ours is a duplicate, freed
+                lru[h] = None
+            self._cache_version += 1
+        s.held = 0
+        self.free_blocks += freed
+
+    def _hits(self, s: Seq) -> tuple[int, int]:
+        """(leading blocks of ``s`` found in the cache, how many of those are unreferenced), capped so the
+        last token is always computed. Memoised per cache version: admission checks ask often."""
+        memo = self._hit_memo
+        if memo[0] is s and memo[1] == self._cache_version:
+            return memo[2], memo[3]
+        hits = free_hits = 0
+        cap = min(len(s.hashes), (s.prompt + s.generated - 1) // self._bs)
+        refs, lru = self._refs, self._lru
+        while hits < cap:
+            h = s.hashes[hits]
+            if h in lru:
+                free_hits += 1
+            elif h not in refs:
+                break
+            hits += 1
+        self._hit_memo = (s, self._cache_version, hits, free_hits)
+        return hits, free_hits
+
+    def _take_hits(self, s: Seq, hits: int) -> None:
+        refs, lru = self._refs, self._lru
+        for h in s.hashes[:hits]:
+            if h in lru:
+                del lru[h]
+                self.free_blocks -= 1
+                refs[h] = 1
+            else:
+                refs[h] += 1
+        if hits:
+            self._cache_version += 1
+        s.held = hits
+        s.computed = hits * self._bs
+
+    def _register(self, s: Seq) -> None:
+        """Prompt blocks whose prefill just completed join the cache (or adopt an identical cached one)."""
+        end = min(len(s.hashes), s.computed // self._bs, s.prompt // self._bs)
+        if s.held >= end:
+            return
+        refs, lru = self._refs, self._lru
+        for i in range(s.held, end):
+            h = s.hashes[i]
+            if h in refs:
+                refs[h] += 1
+                self.free_blocks += 1  # ours was a duplicate of a block in use: share that one
+            elif h in lru:
+                del lru[h]
+                refs[h] = 1  # adopt the cached copy (one free block used), free ours (one back)
+            else:
+                refs[h] = 1
+        s.held = end
+        self._cache_version += 1
+
     def _preempt_last(self) -> Seq:
         victim = self.running.pop(next(reversed(self.running)))
         if victim.in_decode:
             self._leave_decode(victim)
         else:
             self.prefilling.remove(victim)
-        self.free_blocks += self._blocks_of(victim.computed)
+        self._release(victim)
         victim.computed = 0
         victim.preempted = True
         victim.preemptions += 1
@@ -304,7 +434,7 @@ class Engine:
 
     def _finish(self, s: Seq) -> None:
         self.running.pop(s.id, None)
-        self.free_blocks += self._blocks_of(s.computed)
+        self._release(s)
         s.finish_time = self.now
         self.finished.append(s)
 
@@ -329,11 +459,12 @@ class Engine:
         if len(self.running) >= self._max_seqs or budget <= 0:
             return True
         head = self.waiting[0]
-        remaining = head.prompt + head.generated
+        hits, free_hits = self._hits(head) if head.hashes else (0, 0)
+        remaining = head.prompt + head.generated - hits * self._bs
         if remaining > budget and not self._chunked:
             return True
         chunk = remaining if remaining < budget else budget
-        return self.free_blocks + (-chunk // self._bs) < self._watermark
+        return self.free_blocks - free_hits + (-(hits * self._bs + chunk) // self._bs) + hits < self._watermark
 
     def _step_time(self, prefill: tuple[tuple[int, int], ...], n_dec: int, context_sum: int) -> float:
         tokens = n_dec
@@ -356,6 +487,8 @@ class Engine:
             preempted = True
             need = self._residues[residue] if self._num_decode else 0
         self.free_blocks -= need
+        if self._lru:
+            self._evict_excess()
         n_dec = self._num_decode
         budget = self._budget - n_dec
         chunks: list[tuple[Seq, int]] = []
@@ -371,16 +504,28 @@ class Engine:
             if s.id not in running:
                 break
             self.free_blocks -= extra
+            if self._lru:
+                self._evict_excess()
             chunks.append((s, chunk))
             budget -= chunk
         if not preempted:
             waiting = self.waiting
             while waiting and not self._admission_blocked(budget):
                 s = waiting.popleft()
-                chunk = s.prompt + s.generated
+                if s.hashes:
+                    hits = self._hits(s)[0]
+                    self._take_hits(s, hits)
+                    if s.first_scheduled is None:
+                        self.prefix_query_tokens += s.prompt
+                        self.prefix_hit_tokens += hits * bs
+                elif s.first_scheduled is None:
+                    self.prefix_query_tokens += s.prompt
+                chunk = s.prompt + s.generated - s.computed
                 if chunk > budget:
                     chunk = budget
-                self.free_blocks -= -(-chunk // bs)
+                self.free_blocks -= -(-(s.computed + chunk) // bs) - s.held
+                if self._lru:
+                    self._evict_excess()
                 running[s.id] = s
                 self.prefilling.append(s)
                 if s.first_scheduled is None:
@@ -409,6 +554,8 @@ class Engine:
             self._pop_finished()
         for s, c in chunks:
             s.computed += c
+            if s.hashes and s.held < len(s.hashes):
+                self._register(s)
             if s.computed == s.prompt + s.generated:
                 self.prefilling.remove(s)
                 s.generated += 1
@@ -473,6 +620,8 @@ class Engine:
         a, b = self._decode_coeffs(n)
         s0 = self._offset_sum + n * self.steps
         self.free_blocks -= self._blocks_for_run(k)
+        if self._lru:
+            self._evict_excess()
         self.now += decode_run_time(a, b, n, s0, k) * self._noise_factor(k)
         self.steps += k
         self._pop_finished()
@@ -524,7 +673,7 @@ class Engine:
         else:
             self.prefilling.remove(s)
         del self.running[s.id]
-        self.free_blocks += self._blocks_of(s.computed)
+        self._release(s)
         return True
 
     # ---- state export / import -------------------------------------------------------------------
@@ -541,7 +690,7 @@ class Engine:
             reqs.append(self._request_state(s, "running", computed, generated))
         for s in self.waiting:
             reqs.append(self._request_state(s, "preempted" if s.preempted else "waiting", 0, s.generated))
-        return InstanceState(self.config, self.now, reqs, self.total_preemptions)
+        return InstanceState(self.config, self.now, reqs, self.total_preemptions, list(self._lru))
 
     def _request_state(self, s: Seq, phase: Phase, computed: int, generated: int) -> RequestState:
         return RequestState(
@@ -549,6 +698,7 @@ class Engine:
             generated_tokens=generated, phase=phase, allocated_blocks=self._blocks_of(computed),
             predicted_output_tokens=s.predicted, first_token_time=s.first_token,
             first_scheduled_time=s.first_scheduled, preemptions=s.preemptions,
+            block_hashes=list(s.hashes) if s.hashes else None, cached_blocks=s.held,
         )
 
     def fork(self) -> Engine:
@@ -574,12 +724,16 @@ class Engine:
             target = (targets or {}).get(r.id, r.predicted_output_tokens)
             if target is None:
                 raise ValueError(f"request {r.id}: no output length to simulate (no target, no prediction)")
+            hashes = tuple(r.block_hashes) if r.block_hashes and eng._caching else ()
             s = Seq(r.id, r.arrival, r.prompt_tokens, max(target, r.generated_tokens + 1),
-                    r.predicted_output_tokens)
+                    r.predicted_output_tokens, hashes)
             s.generated, s.computed = r.generated_tokens, r.computed_tokens
             s.first_token, s.first_scheduled = r.first_token_time, r.first_scheduled_time
             s.preemptions, s.preempted = r.preemptions, r.phase == "preempted"
-            used += eng._blocks_of(r.computed_tokens)
+            s.held = r.cached_blocks if hashes else 0
+            for h in hashes[: s.held]:
+                eng._refs[h] = eng._refs.get(h, 0) + 1
+            used += eng._blocks_of(r.computed_tokens) - s.held
             if r.phase == "running":
                 eng.running[s.id] = s
                 if s.computed == s.prompt + s.generated - 1 and s.generated > 0:
@@ -588,5 +742,7 @@ class Engine:
                     eng.prefilling.append(s)
             else:
                 eng.waiting.append(s)
-        eng.free_blocks = state.config.num_blocks - used
+        eng.free_blocks = state.config.num_blocks - used - len(eng._refs)
+        if eng._caching:
+            eng._lru = {h: None for h in state.cached if h not in eng._refs}
         return eng

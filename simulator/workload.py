@@ -29,6 +29,7 @@ class Request:
     output_tokens: int  # the truth: only the world (or an oracle) may read it
     predicted_output_tokens: int | None = None
     prompt: str | None = None
+    block_hashes: tuple[int, ...] = ()  # chained hashes of its full KV blocks (prompt, then answer if known)
 
     def __post_init__(self) -> None:
         validate_lengths(self.prompt_tokens, self.output_tokens, where=f"request {self.id}")

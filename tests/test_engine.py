@@ -165,3 +165,116 @@ def test_compiled_core_is_not_older_than_its_source():
         pytest.skip("simulator core runs as plain Python here")
     source = compiled.with_name("engine.py")
     assert os.path.getmtime(compiled) >= os.path.getmtime(source), "run `make` to rebuild the core"
+
+
+# ---- prefix caching ---------------------------------------------------------------------------------
+def prefix_workload(seed, n, groups=4):
+    """Requests sharing system prompts: group g's first blocks hash alike, the rest is each request's own."""
+    rng = random.Random(seed)
+    shared = [rng.randint(1, 40) for _ in range(groups)]  # shared full blocks per group
+    t, out = 0.0, []
+    for i in range(n):
+        t += rng.expovariate(rng.choice([2.0, 8.0, 30.0]))
+        g = rng.randrange(groups)
+        own = rng.randint(0, 20)
+        tail = rng.randint(1, 15)
+        prompt = (shared[g] + own) * 16 + tail
+        hashes = tuple([g * 1000 + k for k in range(shared[g])] + [10**6 + i * 100 + k for k in range(own)])
+        out.append(Request(i, t, prompt, rng.randint(1, 300), block_hashes=hashes))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**9), n=st.integers(1, 120))
+def test_fast_path_is_exact_with_shared_prefixes(seed, n):
+    config = random_config(seed)
+    reqs = [r for r in prefix_workload(seed, n) if r.prompt_tokens + r.output_tokens <= config.max_model_len
+            and -(-(r.prompt_tokens + r.output_tokens) // 16) <= config.num_blocks - config.watermark_blocks]
+    fast, slow = run(reqs, config, fast=True), run(reqs, config, fast=False)
+    a = {s.id: (s.first_token, s.finish_time, s.preemptions) for s in fast.finished}
+    b = {s.id: (s.first_token, s.finish_time, s.preemptions) for s in slow.finished}
+    assert a.keys() == b.keys() == {r.id for r in reqs}
+    for k in a:
+        assert a[k][0] == pytest.approx(b[k][0], rel=1e-9, abs=1e-9)
+        assert a[k][1] == pytest.approx(b[k][1], rel=1e-9, abs=1e-9)
+        assert a[k][2] == b[k][2]
+    assert (fast.steps, fast.prefix_hit_tokens) == (slow.steps, slow.prefix_hit_tokens)
+    for eng in (fast, slow):  # every block is back: free, or cached and evictable
+        assert eng.free_blocks == config.num_blocks and len(eng._lru) <= eng.free_blocks and not eng._refs
+
+
+def test_a_repeated_prompt_reuses_its_cached_blocks_except_the_last_token():
+    cfg = EngineConfig(num_blocks=1000, max_num_seqs=8, max_num_batched_tokens=512)
+    hashes = tuple(range(75))  # 1200 tokens = 75 full blocks
+    eng = run([Request(0, 0.0, 1200, 5, block_hashes=hashes), Request(1, 10.0, 1200, 5, block_hashes=hashes)],
+              cfg, fast=True)
+    first, second = sorted(eng.finished, key=lambda s: s.id)
+    assert eng.prefix_query_tokens == 2400 and eng.prefix_hit_tokens == 74 * 16  # the last block is recomputed
+    assert second.first_token - second.arrival == pytest.approx(TIMING.step_time([(16, 1184)], 0, 0), rel=1e-12)
+    assert first.first_token - first.arrival > 5 * (second.first_token - second.arrival)
+    off = run([Request(0, 0.0, 1200, 5, block_hashes=hashes), Request(1, 10.0, 1200, 5, block_hashes=hashes)],
+              EngineConfig(num_blocks=1000, max_num_seqs=8, max_num_batched_tokens=512, prefix_caching=False),
+              fast=True)
+    assert off.prefix_hit_tokens == 0
+    assert {s.id: s.finish_time - s.arrival for s in off.finished}[1] == pytest.approx(
+        first.finish_time - first.arrival, rel=1e-12)
+
+
+def test_concurrent_requests_share_prefix_blocks_and_eviction_is_lru():
+    cfg = EngineConfig(num_blocks=100, max_num_seqs=8, max_num_batched_tokens=2048, watermark=0.0)
+    eng = Engine(cfg, TIMING)
+    shared = tuple(range(40))
+    eng.add_request(Request(0, 0.0, 40 * 16 + 8, 50, block_hashes=shared))
+    eng.advance(1e-6)  # A prefills and registers its 40 prompt blocks
+    eng.add_request(Request(1, 1e-6, 40 * 16 + 8, 50, block_hashes=shared))
+    eng.advance(0.5)
+    state = eng.snapshot()
+    state.validate()
+    assert [r.cached_blocks for r in state.requests] == [40, 40]
+    assert eng.prefix_hit_tokens == 40 * 16  # B reused all of A's prompt blocks
+    own = sum(r.allocated_blocks - 40 for r in state.requests)
+    assert state.used_blocks() == 40 + own == cfg.num_blocks - eng.free_blocks  # the prefix is held once
+    eng.advance()
+    assert eng.free_blocks == 100 and list(eng._lru) == list(range(39, -1, -1))  # tail blocks go first
+    for i in range(2):  # two unrelated 31-block requests: the second needs one cached block evicted
+        eng.add_request(Request(2 + i, eng.now + 1, 30 * 16 + 8, 1,
+                                block_hashes=tuple(range(500 + 30 * i, 530 + 30 * i))))
+        eng.advance()
+    assert 39 not in eng._lru and next(iter(eng._lru)) == 38 and len(eng._lru) == 99
+    eng.add_request(Request(9, eng.now + 1, 40 * 16 + 8, 1, block_hashes=shared))
+    eng.advance()
+    assert eng.prefix_hit_tokens == 40 * 16 + 39 * 16  # the evicted tail block breaks the chain there
+
+
+def test_snapshot_restore_and_fork_carry_the_prefix_cache():
+    cfg = EngineConfig(num_blocks=300, max_num_seqs=16, max_num_batched_tokens=256)
+    reqs = prefix_workload(3, 80)
+    eng = Engine(cfg, TIMING)
+    for r in reqs[:50]:
+        eng.advance(r.arrival)
+        eng.add_request(r)
+    state = eng.snapshot()
+    state.validate()
+    assert state.cached or any(r.cached_blocks for r in state.requests)
+    again = InstanceState.from_json(state.to_json())
+    assert again == state
+    clone = Engine.restore(again, TIMING, {s.id: s.target for s in [*eng.running.values(), *eng.waiting]})
+    assert clone.snapshot() == state
+    fork = eng.fork()
+    finished_before = {s.id for s in eng.finished}
+    for e in (eng, clone, fork):
+        for r in reqs[50:]:
+            e.advance(r.arrival)
+            e.add_request(r)
+        e.advance()
+    original = {s.id: s.finish_time for s in eng.finished if s.id not in finished_before}
+    for other in (clone, fork):
+        got = {s.id: s.finish_time for s in other.finished}
+        assert got.keys() == original.keys()
+        assert all(got[k] == pytest.approx(t, rel=1e-12) for k, t in original.items())
+
+
+def test_more_block_hashes_than_blocks_is_a_clear_error():
+    eng = Engine(EngineConfig(num_blocks=100), TIMING)
+    with pytest.raises(ValueError, match="fill only 2 blocks"):
+        eng.add_request(Request(0, 0.0, 20, 20, block_hashes=(1, 2, 3)))

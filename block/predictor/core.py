@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from simulator.engine import Engine, InstanceState
+from simulator.engine import Engine, EngineConfig, InstanceState
 from simulator.timing import TimingModel
 from simulator.workload import LengthPrior, Request
 
@@ -58,11 +58,15 @@ class Predictor:
             out[r.id] = max(r.generated_tokens + 1, min(p, max_len - r.prompt_tokens))
         return out
 
-    def _as_seen(self, r: Request, arrival: float, max_len: int) -> Request:
-        """The request as the predictor may see it: its estimated (or prior) length, never the truth."""
+    def _as_seen(self, r: Request, arrival: float, config: EngineConfig) -> Request:
+        """The request as the predictor may see it: its estimated (or prior) length, never the truth, and
+        the hashes of its prompt's full blocks (what a side-car can compute from the text), never those of
+        an answer not yet written."""
         p = r.predicted_output_tokens
         length = p if p is not None and p >= 1 else self.prior.median
-        return Request(r.id, arrival, r.prompt_tokens, max(1, min(length, max_len - r.prompt_tokens)), p)
+        out = max(1, min(length, config.max_model_len - r.prompt_tokens))
+        return Request(r.id, arrival, r.prompt_tokens, out, p,
+                       block_hashes=r.block_hashes[: r.prompt_tokens // config.block_size])
 
     def fork(self, state: InstanceState) -> Engine:
         return Engine.restore(state, self.timing, self._targets(state), fast_path=self.fast_path)
@@ -93,14 +97,14 @@ class Predictor:
         eng = self.fork(state)
         arrival = now  # the fork may be mid-iteration past it: the candidate then waits, as it would
         for r in extra:
-            eng.add_request(self._as_seen(r, arrival, state.config.max_model_len))
+            eng.add_request(self._as_seen(r, arrival, state.config))
         for r in sorted(timed_extra, key=lambda r: r.arrival):
             eng.advance(r.arrival)
-            eng.add_request(self._as_seen(r, max(r.arrival, arrival), state.config.max_model_len))
+            eng.add_request(self._as_seen(r, max(r.arrival, arrival), state.config))
         if timed_extra:
             arrival = max(arrival, candidate.arrival)
         eng.advance(arrival)
-        cand = eng.add_request(self._as_seen(candidate, arrival, state.config.max_model_len))
+        cand = eng.add_request(self._as_seen(candidate, arrival, state.config))
         ttft_only = target == "ttft"
         min_free = eng.run_for(cand, first_token_only=ttft_only, limit=arrival + self.horizon_s)
         hit = cand.finish_time is None and not (ttft_only and cand.first_token is not None)
@@ -129,7 +133,7 @@ class Predictor:
         (requests still unfinished then count as finishing then, so this is a lower bound)."""
         base = self.fork(state)
         for r in extra:
-            base.add_request(self._as_seen(r, arrival, state.config.max_model_len))
+            base.add_request(self._as_seen(r, arrival, state.config))
         end = with_cand.now
         base.advance(end)
         before = {s.id: s.finish_time for s in base.finished}
