@@ -31,7 +31,7 @@ import heapq
 import json
 import math
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -267,7 +267,9 @@ class Engine:
         self._watermark = config.watermark_blocks
         self._caching = config.prefix_caching
         self._refs: dict[int, int] = {}  # cached block hash -> running requests holding it
-        self._lru: dict[int, None] = {}  # unreferenced cached hashes (also counted free), next to evict first
+        # unreferenced cached hashes (also counted free), next to evict first; an OrderedDict because a plain
+        # dict emptied from the front makes every next(iter()) scan the deleted slots
+        self._lru: OrderedDict[int, None] = OrderedDict()
         self._cache_version = 0
         self._hit_memo: tuple[Seq | None, int, int, int] = (None, -1, 0, 0)
         self.prefix_query_tokens = 0
@@ -340,7 +342,7 @@ class Engine:
         """Free blocks were taken: evict cached hashes until the cached ones fit in what is free."""
         lru = self._lru
         while len(lru) > self.free_blocks:
-            del lru[next(iter(lru))]
+            lru.popitem(last=False)
             self._cache_version += 1
 
     def _release(self, s: Seq) -> None:
@@ -744,5 +746,5 @@ class Engine:
                 eng.waiting.append(s)
         eng.free_blocks = state.config.num_blocks - used - len(eng._refs)
         if eng._caching:
-            eng._lru = {h: None for h in state.cached if h not in eng._refs}
+            eng._lru = OrderedDict((h, None) for h in state.cached if h not in eng._refs)
         return eng

@@ -56,6 +56,7 @@ class Trace:
     arrivals: np.ndarray | None = None
     source: str = "synthetic"
     prompts: list[str] | None = field(default=None, repr=False)
+    block_hashes: list[tuple[int, ...]] | None = field(default=None, repr=False)  # per request, KV_BLOCK tokens
 
     def __len__(self) -> int:
         return len(self.prompt_tokens)
@@ -69,8 +70,9 @@ class Trace:
     def head(self, n: int) -> Trace:
         arr = None if self.arrivals is None else self.arrivals[:n]
         prompts = None if self.prompts is None else self.prompts[:n]
+        hashes = None if self.block_hashes is None else self.block_hashes[:n]
         return replace(self, prompt_tokens=self.prompt_tokens[:n], output_tokens=self.output_tokens[:n],
-                       arrivals=arr, prompts=prompts)
+                       arrivals=arr, prompts=prompts, block_hashes=hashes)
 
     def scaled_to_qps(self, qps: float) -> Trace:
         """Compress or stretch time so the mean rate is ``qps``, keeping the burst shape."""
@@ -84,19 +86,66 @@ class Trace:
         """Clip prompts (keeping room for at least one output token), then outputs, to the context."""
         prompt = np.minimum(self.prompt_tokens, max_context - 1)
         out = np.minimum(self.output_tokens, max_context - prompt)
-        return replace(self, prompt_tokens=prompt, output_tokens=out)
+        hashes = None if self.block_hashes is None else [
+            h[: int(p) // KV_BLOCK] for h, p in zip(self.block_hashes, prompt, strict=True)]
+        return replace(self, prompt_tokens=prompt, output_tokens=out, block_hashes=hashes)
 
     def requests(self, arrivals: np.ndarray | None = None) -> list[Request]:
         times = self.arrivals if arrivals is None else arrivals
         if times is None:
             raise ValueError(f"{self.source}: no arrival times; pass arrivals (e.g. poisson_arrivals)")
         n = min(len(times), len(self))
-        prompts = self.prompts
-        return [
-            Request(i, float(times[i]), int(self.prompt_tokens[i]), int(self.output_tokens[i]),
-                    prompt=None if prompts is None else prompts[i])
-            for i in range(n)
-        ]
+        return [self.request(i, i, float(times[i])) for i in range(n)]
+
+    def request(self, rid: int, j: int, arrival: float) -> Request:
+        """Record ``j`` of the trace as request ``rid`` arriving at ``arrival``."""
+        return Request(rid, arrival, int(self.prompt_tokens[j]), int(self.output_tokens[j]),
+                       prompt=None if self.prompts is None else self.prompts[j],
+                       block_hashes=() if self.block_hashes is None else self.block_hashes[j])
+
+
+KV_BLOCK = 16  # tokens per KV block, vLLM's default: workload hashes are per block of this size
+MOONCAKE_BLOCK = 512  # tokens per hash id in Mooncake's traces
+
+
+def _mix(a: int, b: int) -> int:
+    """A 63-bit hash of two integers (splitmix64 finaliser): deterministic across processes and runs."""
+    x = (a * 0x9E3779B97F4A7C15 + b + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1
+
+
+def segment_hashes(segments: Sequence[tuple[int, int]], block_size: int = KV_BLOCK) -> tuple[int, ...]:
+    """Chained hashes of the full blocks of a token stream made of (content id, tokens) segments.
+
+    Two streams get equal hashes for their first k blocks exactly when their first k blocks hold the same
+    content at the same positions, as vLLM's chained block hashes do; a partial last block gets none.
+    """
+    out: list[int] = []
+    h = filled = 0
+    for content, length in segments:
+        pos = 0
+        while pos < length:
+            take = min(length - pos, block_size - filled)
+            h = _mix(_mix(h, content), pos * 65536 + take)
+            filled += take
+            pos += take
+            if filled == block_size:
+                out.append(h)
+                filled = 0
+    return tuple(out)
+
+
+def segment_text(segments: Sequence[tuple[int, int]]) -> str:
+    """A prompt text of exactly 4 bytes per token whose bytes repeat wherever the content does, so that
+    the live services (which count ``ceil(bytes / 4)`` tokens and hash 64-byte blocks) see the same
+    sharing the simulator does."""
+    parts = []
+    for content, length in segments:
+        word = f"s{content:x}-"
+        parts.append((word * (4 * length // len(word) + 1))[: 4 * length])
+    return "".join(parts)
 
 
 def poisson_arrivals(n: int, qps: float, rng: np.random.Generator) -> np.ndarray:
@@ -202,10 +251,22 @@ def read_azure_csv(path: str | Path) -> Trace:
     return _finish(path, prompts, outputs, times)
 
 
+def mooncake_hashes(hash_ids: Sequence[int], input_length: int, unique: int) -> tuple[int, ...]:
+    """Mooncake's one id per 512-token block as hashes of 16-token blocks. Equal ids mean an equal prefix,
+    so each id's full 512 tokens are content shared with every request that has the id there; a partial
+    last 512-token block is taken as unique to the request (``unique``), as its tail is."""
+    segments = []
+    for k, h in enumerate(hash_ids):
+        length = min(MOONCAKE_BLOCK, input_length - k * MOONCAKE_BLOCK)
+        segments.append((h if length == MOONCAKE_BLOCK else -1 - unique, length))
+    return segment_hashes(segments)
+
+
 def read_mooncake_jsonl(path: str | Path) -> Trace:
-    """Mooncake (FAST'25) JSON lines: ``timestamp`` in ms, ``input_length``, ``output_length``."""
+    """Mooncake (FAST'25) JSON lines: ``timestamp`` in ms, ``input_length``, ``output_length`` and, when
+    present, ``hash_ids`` (prefix-cache block ids, one per 512 tokens)."""
     path = Path(path)
-    prompts, outputs, times = [], [], []
+    prompts, outputs, times, hashes = [], [], [], []
     with path.open() as f:
         for line, text in enumerate(f, start=1):
             if not text.strip():
@@ -216,10 +277,20 @@ def read_mooncake_jsonl(path: str | Path) -> Trace:
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"{path}:{line}: not a Mooncake record ({exc})") from exc
             _check(path, line, p, o)
+            ids = rec.get("hash_ids", [])
+            if not isinstance(ids, list) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 0
+                                                    for h in ids):
+                raise ValueError(f"{path}:{line}: hash_ids must be a list of non-negative integers")
+            if len(ids) > -(-p // MOONCAKE_BLOCK):
+                raise ValueError(f"{path}:{line}: {len(ids)} hash_ids but input_length {p} fills only "
+                                 f"{-(-p // MOONCAKE_BLOCK)} blocks of {MOONCAKE_BLOCK} tokens")
             prompts.append(p)
             outputs.append(o)
             times.append(t)
-    return _finish(path, prompts, outputs, times)
+            hashes.append(mooncake_hashes(ids, p, line))
+    trace = _finish(path, prompts, outputs, times)
+    trace.block_hashes = hashes
+    return trace
 
 
 def read_alpaca_lengths(path: str | Path, model: str = "llama-2-7b-chat-hf") -> Trace:
@@ -333,11 +404,96 @@ def poisson_workload(trace: Trace, n: int, qps: float, seed: int) -> list[Reques
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(trace), size=n)
     arrivals = poisson_arrivals(n, qps, rng)
-    prompts = trace.prompts
-    return [Request(i, float(arrivals[i]), int(trace.prompt_tokens[j]), int(trace.output_tokens[j]),
-                    prompt=None if prompts is None else prompts[j]) for i, j in enumerate(idx)]
+    return [trace.request(i, int(j), float(arrivals[i])) for i, j in enumerate(idx)]
 
 
 def trace_workload(trace: Trace, n: int, qps: float) -> list[Request]:
     """Replay the first n requests of a timed trace, time-scaled to ``qps`` (burst shape kept)."""
     return trace.head(n).clipped(4096).scaled_to_qps(qps).requests()
+
+
+@dataclass(frozen=True)
+class SharedPrefixShape:
+    """Groups of requests that share a system prompt, the shape of inference-perf's shared-prefix data
+    and llm-d's b2b-saas benchmark (150 tenants, 6k-token system prompt, 1.2k-token question, 1k out)."""
+
+    groups: int = 150
+    system_tokens: int = 6000
+    questions_per_group: int = 5
+    question_tokens: int = 1200
+    output_tokens: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("groups", "questions_per_group", "question_tokens", "output_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"shared-prefix workload: {name} must be >= 1, got {getattr(self, name)}")
+        if self.system_tokens < 0:
+            raise ValueError(f"shared-prefix workload: system_tokens must be >= 0, got {self.system_tokens}")
+
+
+def shared_prefix_workload(shape: SharedPrefixShape, n: int, qps: float, seed: int, *,
+                           with_text: bool = False) -> list[Request]:
+    """Poisson arrivals; each request asks one of its group's questions after the group's system prompt.
+    ``with_text`` fills ``Request.prompt`` with bytes that repeat where the content does (live replay)."""
+    rng = np.random.default_rng(seed)
+    arrivals = poisson_arrivals(n, qps, rng)
+    groups = rng.integers(0, shape.groups, size=n)
+    questions = rng.integers(0, shape.questions_per_group, size=n)
+    out = []
+    for i in range(n):
+        g, q = int(groups[i]), int(questions[i])
+        segments = [(1 + g, shape.system_tokens), (1_000_000 + g * shape.questions_per_group + q,
+                                                   shape.question_tokens)]
+        out.append(Request(i, float(arrivals[i]), shape.system_tokens + shape.question_tokens, shape.output_tokens,
+                           prompt=segment_text(segments) if with_text else None,
+                           block_hashes=segment_hashes(segments)))
+    return out
+
+
+@dataclass(frozen=True)
+class ChatShape:
+    """Multi-turn chat sessions: every turn's prompt is the whole history plus a new user message."""
+
+    turns: int = 6
+    system_tokens: int = 200
+    user_tokens: int = 150
+    output_tokens: int = 300
+    think_time_s: float = 10.0  # mean pause between a turn and the next one of the same session
+
+    def __post_init__(self) -> None:
+        if self.turns < 1 or self.user_tokens < 1 or self.output_tokens < 1 or self.system_tokens < 0:
+            raise ValueError(f"chat workload: turns, user_tokens and output_tokens must be >= 1 and "
+                             f"system_tokens >= 0, got {self}")
+        if self.think_time_s < 0:
+            raise ValueError(f"chat workload: think_time_s must be >= 0, got {self.think_time_s}")
+
+
+def chat_workload(shape: ChatShape, sessions: int, session_rate: float, seed: int, *, max_context: int,
+                  with_text: bool = False) -> list[Request]:
+    """Sessions start as a Poisson process at ``session_rate``; turn k+1 of a session arrives an
+    exponential think time after turn k did, so a session's turns stay in order under any time scaling.
+    User messages and answers vary in length (lognormal around the shape's means); each request's block
+    hashes cover its prompt and its own answer, so the next turn finds the answer's blocks cached, as
+    vLLM caches them. A session ends early rather than outgrow ``max_context``. Ids follow arrival order."""
+    rng = np.random.default_rng(seed)
+    starts = poisson_arrivals(sessions, session_rate, rng)
+    pending: list[tuple[float, int, int, list[tuple[int, int]], tuple[int, int]]] = []
+    for s in range(sessions):
+        t = float(starts[s])
+        history: list[tuple[int, int]] = [(7, shape.system_tokens)] if shape.system_tokens else []
+        for k in range(shape.turns):
+            user = (10_000_000 + s * 1000 + 2 * k, max(1, int(rng.lognormal(np.log(shape.user_tokens), 0.5))))
+            answer = (10_000_001 + s * 1000 + 2 * k, max(1, int(rng.lognormal(np.log(shape.output_tokens), 0.5))))
+            prompt = [*history, user]
+            if sum(n for _, n in prompt) + answer[1] > max_context:
+                break
+            pending.append((t, s, k, prompt, answer))
+            history = [*prompt, answer]
+            t += float(rng.exponential(shape.think_time_s))
+    pending.sort(key=lambda x: (x[0], x[1], x[2]))
+    out = []
+    for i, (t, _, _, prompt, answer) in enumerate(pending):
+        out.append(Request(i, t, sum(n for _, n in prompt), answer[1],
+                           prompt=segment_text(prompt) if with_text else None,
+                           block_hashes=segment_hashes([*prompt, answer])))
+    return out

@@ -1,7 +1,13 @@
+import itertools
+
 import numpy as np
 import pytest
 
+from block.protocol import approx_tokens
 from simulator.workload import (
+    ChatShape,
+    SharedPrefixShape,
+    chat_workload,
     gamma_arrivals,
     load_named_trace,
     poisson_arrivals,
@@ -9,6 +15,7 @@ from simulator.workload import (
     read_mooncake_jsonl,
     read_splitwise_csv,
     read_trace,
+    shared_prefix_workload,
     synthetic_lengths,
 )
 
@@ -100,3 +107,59 @@ def test_rate_arrivals_follow_the_rate_and_refuse_a_rate_above_the_bound():
     assert np.count_nonzero(t >= 500) / 500 == pytest.approx(8.0, rel=0.1)
     with pytest.raises(ValueError, match="max_rate"):
         rate_arrivals(lambda x: 20.0, 10.0, 10.0, np.random.default_rng(0))
+
+
+def test_mooncake_hash_ids_become_16_token_blocks_with_a_unique_partial_tail(tmp_path, data_dir):
+    tr = load_named_trace("mooncake")
+    first = tr.block_hashes[0]
+    assert len(first) == tr.prompt_tokens[0] // 16  # 40160 tokens: 2510 full blocks
+    same = tmp_path / "two.jsonl"
+    same.write_text('{"timestamp": 0, "input_length": 1100, "output_length": 5, "hash_ids": [4, 9, 7]}\n'
+                    '{"timestamp": 5, "input_length": 1100, "output_length": 5, "hash_ids": [4, 9, 7]}\n'
+                    '{"timestamp": 9, "input_length": 600, "output_length": 5, "hash_ids": [4, 8]}\n')
+    a, b, c = read_mooncake_jsonl(same).block_hashes
+    assert len(a) == 1100 // 16 and a[:64] == b[:64] and a[64:] != b[64:]  # equal ids share, partial tails do not
+    assert c[:32] == a[:32] and c[32] != a[32]
+    assert read_mooncake_jsonl(same).clipped(700).block_hashes[0] == a[: 699 // 16]
+
+
+@pytest.mark.parametrize("ids,message", [('"x"', "must be a list"), ('[1, "2"]', "must be a list"),
+                                         ("[1, 2, 3, 4]", "fills only 3 blocks"), ("[-1]", "non-negative")])
+def test_bad_mooncake_hash_ids_name_file_and_line(tmp_path, ids, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"timestamp": 0, "input_length": 1100, "output_length": 5, "hash_ids": [1, 2, 3]}\n'
+                    f'{{"timestamp": 1, "input_length": 1100, "output_length": 5, "hash_ids": {ids}}}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: .*{message}"):
+        read_mooncake_jsonl(path)
+
+
+def test_shared_prefix_groups_share_exactly_their_system_prompt():
+    shape = SharedPrefixShape(groups=3, system_tokens=100, questions_per_group=2, question_tokens=40,
+                              output_tokens=7)
+    reqs = shared_prefix_workload(shape, 200, 10.0, 0, with_text=True)
+    assert all(r.prompt_tokens == 140 and r.output_tokens == 7 and len(r.block_hashes) == 140 // 16 for r in reqs)
+    by_text = {}
+    for r in reqs:
+        by_text.setdefault(r.prompt, r.block_hashes)
+        assert by_text[r.prompt] == r.block_hashes and approx_tokens(r.prompt) == 140
+    assert len(by_text) == 6  # 3 groups x 2 questions
+    firsts = {r.block_hashes[:6] for r in reqs}  # 100 system tokens: 6 full blocks of the group's alone
+    assert len(firsts) == 3
+    with pytest.raises(ValueError, match="groups must be >= 1"):
+        SharedPrefixShape(groups=0)
+
+
+def test_chat_sessions_grow_their_history_and_reuse_the_previous_answer():
+    reqs = chat_workload(ChatShape(turns=4, think_time_s=5.0), 20, 1.0, 0, max_context=4096)
+    assert [r.id for r in reqs] == list(range(len(reqs))) and np.all(np.diff([r.arrival for r in reqs]) >= 0)
+    sessions: dict[tuple, list] = {}
+    for r in reqs:
+        sessions.setdefault(r.block_hashes[:13], []).append(r)  # 12 system-prompt blocks, then its own
+    for turns in sessions.values():
+        for prev, nxt in itertools.pairwise(turns):
+            assert nxt.prompt_tokens > prev.prompt_tokens + prev.output_tokens
+            full = (prev.prompt_tokens + prev.output_tokens) // 16
+            assert nxt.block_hashes[:full] == prev.block_hashes[:full]  # the answer's blocks are cached
+    assert max(len(t) for t in sessions.values()) == 4
+    long = chat_workload(ChatShape(turns=50, output_tokens=400), 3, 1.0, 0, max_context=2048)
+    assert max(r.prompt_tokens + r.output_tokens for r in long) <= 2048
