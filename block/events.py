@@ -6,6 +6,12 @@ does not lose events: batches stay buffered (up to ``max_buffer`` rows per table
 counted as dropped and the count is reported) and are retried on the next flush. A batch the collector
 refuses (HTTP 4xx: rows that break the contract) would be refused again, so it is logged with the
 collector's reason and counted as rejected instead of blocking every later row.
+
+A batch the collector wrote but whose answer timed out is sent again; every row carries the ``event_id``
+it got when it was made, so the collector ignores the copy. Rows are posted in batches of at most
+``max_batch_bytes`` (4 MiB, half the collector's body limit), so a backlog built up while the collector
+was down is not refused whole as too large. With a cluster token configured (store.auth) every post
+carries it.
 """
 
 from __future__ import annotations
@@ -17,18 +23,53 @@ import logging
 import httpx
 import orjson
 
+from store.auth import cluster_token
 from store.schema import Row
 
 log = logging.getLogger(__name__)
 
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+
+Batch = dict[str, list[dict]]
+
+
+def _encode(value: dict) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def split_batch(rows: Batch, limit: int) -> tuple[Batch, Batch]:
+    """The first rows, in table order, whose JSON fits in ``limit`` bytes (at least one row, so a row over
+    the limit is sent, refused and reported rather than kept forever), and the rows left for later."""
+    head: Batch = {}
+    rest: Batch = {}
+    size = 2  # the braces
+    for table, table_rows in rows.items():
+        if rest:
+            rest[table] = table_rows
+            continue
+        overhead = len(orjson.dumps(table)) + 4  # "table":[ ... ],
+        for i, row in enumerate(table_rows):
+            grown = size + len(_encode(row)) + 1 + (0 if table in head else overhead)
+            if grown > limit and head:
+                rest[table] = table_rows[i:]
+                break
+            head.setdefault(table, []).append(row)
+            size = grown
+    return head, rest
+
 
 class EventSink:
-    def __init__(self, collector_url: str | None, run_id: str, *, interval: float = 0.25, max_buffer: int = 200_000):
+    def __init__(self, collector_url: str | None, run_id: str, *, interval: float = 0.25, max_buffer: int = 200_000,
+                 max_batch_bytes: int = MAX_BATCH_BYTES, timeout: float = 5.0):
         self.url = collector_url.rstrip("/") + "/events" if collector_url else None
         self.run_id = run_id
         self.interval = interval
         self.max_buffer = max_buffer
-        self._rows: dict[str, list[dict]] = {}
+        self.max_batch_bytes = max_batch_bytes
+        self.timeout = timeout
+        token = cluster_token() if collector_url else None
+        self._headers = {"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})}
+        self._rows: Batch = {}
         self._task: asyncio.Task | None = None
         self._client: httpx.AsyncClient | None = None
         self.dropped = 0
@@ -55,25 +96,37 @@ class EventSink:
             self.dropped += 1
 
     async def flush(self) -> None:
-        if self.url is None or not any(self._rows.values()):
-            return
-        batch, self._rows = self._rows, {}
+        """Post every buffered row, batch after batch. Rows not answered for (the collector unreachable, or
+        this flush cancelled mid-post by stop()) go back to the front of the buffer: resending them is safe."""
+        pending, self._rows = self._rows, {}
+        try:
+            while any(pending.values()):
+                batch, rest = split_batch(pending, self.max_batch_bytes)
+                if not await self._post(batch):
+                    return
+                pending = rest
+        finally:
+            for table, rows in pending.items():
+                if rows:
+                    self._rows[table] = rows + self._rows.get(table, [])
+
+    async def _post(self, batch: Batch) -> bool:
+        """False when the collector could not be reached (keep the rows); True when it answered."""
         count = sum(len(v) for v in batch.values())
         try:
-            assert self._client is not None
-            resp = await self._client.post(self.url, content=orjson.dumps(batch, option=orjson.OPT_SERIALIZE_NUMPY),
-                                           headers={"content-type": "application/json"})
+            assert self.url is not None and self._client is not None
+            resp = await self._client.post(self.url, content=_encode(batch), headers=self._headers)
             if 400 <= resp.status_code < 500:
                 self.rejected += count
                 log.error("collector %s refused %d rows (HTTP %d): %s", self.url, count, resp.status_code,
                           resp.text[:1000])
-                return
+                return True
             resp.raise_for_status()
             self.sent += count
+            return True
         except (httpx.HTTPError, AssertionError) as exc:
             log.warning("collector %s unavailable (%s); keeping %d rows for the next flush", self.url, exc, count)
-            for table, rows in batch.items():
-                self._rows[table] = rows + self._rows.get(table, [])
+            return False
 
     async def _loop(self) -> None:
         while True:
@@ -82,7 +135,7 @@ class EventSink:
 
     async def start(self) -> None:
         if self.url is not None and self._task is None:
-            self._client = httpx.AsyncClient(timeout=5.0)
+            self._client = httpx.AsyncClient(timeout=self.timeout)
             self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:

@@ -1,24 +1,40 @@
 """The single writer: receives event batches from services and owns the workspace's DuckDB file.
 
 DuckDB allows one writing process per file, so every service posts to this collector and readers go
-through it (``POST /query``, read-only SELECTs with ``?`` parameters) or through Parquet snapshots
-(``POST /snapshot``). Every row is checked against its row dataclass in store.schema before anything is
-written, so a producer that drifts from the contract gets a 400 naming the column instead of a table
-holding NULLs or strings where numbers belong. Rows of tables with a primary key are inserted with
-``INSERT OR IGNORE``: a batch posted twice (a retry after a timeout) does not create duplicates.
+through it (``POST /query``) or through Parquet snapshots (``POST /snapshot``). Every row is checked against
+its row dataclass in store.schema before anything is written, so a producer that drifts from the contract
+gets a 400 naming the column instead of a table holding NULLs or strings where numbers belong.
+
+The collector is reachable by every service of a cluster, so it trusts no request:
+
+- The database is opened with external access disabled and its configuration locked: no SQL can read or
+  write a file, reach the network, load an extension or change a setting, whatever a parser lets through.
+- ``/query`` takes exactly one statement, of DuckDB's own statement type SELECT, runs it on its own cursor
+  inside a READ ONLY transaction (a SELECT may hold a data-modifying CTE), returns at most ``max_rows``
+  rows (``truncated`` says when there were more) and is interrupted after ``query_timeout_s``.
+- Queries, snapshots and writes run in worker threads, never on the event loop, so ``/events`` and
+  ``/health`` answer while a query runs; a client that leaves interrupts its query.
+- Every table has a primary key (``event_id`` where there is no natural one) and a batch is written in one
+  transaction with ``INSERT OR IGNORE``: a batch resent after a timeout adds nothing, a failed one nothing.
+- Request bodies are capped (413 names the limit); snapshots go only to ``<workspace>/snapshots/<name>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
+import decimal
 import math
 import numbers
+import os
+import re
 import threading
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,20 +42,45 @@ import duckdb
 import numpy as np
 import orjson
 import pandas as pd
+import pyarrow.parquet as pq
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 from starlette.routing import Route
 
+from store.auth import TokenGuard, token_for
 from store.schema import TABLES, Row, create_all
 
 Param = str | int | float | bool | None
-_READ_ONLY = ("SELECT", "WITH", "DESCRIBE", "SHOW", "SUMMARIZE")
+
+MAX_BODY_BYTES = 8 * 1024 * 1024  # an EventSink batch is at most 4 MiB; a query is a few hundred bytes
+MAX_ROWS = 100_000  # the live dashboard's largest window is 5,000 rows; a bigger read belongs in a snapshot
+QUERY_TIMEOUT_S = 10.0  # a dashboard refresh takes milliseconds; anything near this is a runaway
+MAX_QUERIES = 4  # queries and snapshots running at once; more are told to come back (503), not queued
+SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+# Settings fixed when the file is opened; lock_configuration makes them (and every other one) final.
+_LOCKED_DOWN = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "lock_configuration": True,
+}
 _MAX_PROBLEMS = 5  # a batch with a systematic mistake names a few rows, not thousands
+_DISCONNECT_POLL_S = 0.25
+_SNAPSHOT_BATCH_ROWS = 65_536
 
 
 class StoreError(ValueError):
-    pass
+    """A request the store refuses; the message names what was wrong (HTTP 400)."""
+
+
+class QueryTimeout(StoreError):
+    """The query ran past the store's time limit and was interrupted (HTTP 504)."""
+
+
+class QueryCancelled(StoreError):
+    """The query was interrupted because its client left or the store is closing."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +90,7 @@ class _Column:
     name: str
     kind: type  # str, float, int or bool
     nullable: bool
-    required: bool  # no default in the dataclass: a row without it is incomplete
+    required: bool  # no default in the dataclass, or part of the key: a row without it is incomplete
 
     def problem(self, value: object) -> str | None:
         if value is None or (self.nullable and isinstance(value, float) and math.isnan(value)):
@@ -65,6 +106,8 @@ class _Column:
 
 
 def _columns(row: type[Row]) -> dict[str, _Column]:
+    """Key columns are required on the wire even where the dataclass makes a default (``event_id``): a row
+    without its key could not be recognised when it is sent again."""
     hints = typing.get_type_hints(row)
     out = {}
     for f in dataclasses.fields(row):
@@ -72,7 +115,8 @@ def _columns(row: type[Row]) -> dict[str, _Column]:
         args = typing.get_args(hint)
         union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
         kind = next(a for a in args if a is not type(None)) if union else hint
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        required = ((f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                    or f.name in row.PRIMARY_KEY)
         out[f.name] = _Column(f.name, kind, union and type(None) in args, required)
     return out
 
@@ -110,20 +154,122 @@ def _check_params(params: object) -> list[Param]:
     return list(params)
 
 
-class Store:
-    """A workspace database opened for writing (one per process and file)."""
+def _one_select(cursor: duckdb.DuckDBPyConnection, sql: str) -> duckdb.Statement:
+    """The single SELECT statement ``sql`` holds, as DuckDB's parser sees it (no guessing from its text)."""
+    try:
+        statements = cursor.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise StoreError(f"query does not parse: {exc}") from exc
+    if len(statements) != 1:
+        raise StoreError(f"a query is exactly one statement, got {len(statements)}")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise StoreError(f"only SELECT queries are allowed here, got a statement of type {kind.name}")
+    return statements[0]
 
-    def __init__(self, path: str | Path):
+
+@dataclass(frozen=True)
+class QueryResult:
+    columns: list[str]
+    rows: list[tuple]
+    truncated: bool  # the query had more than the store's max_rows rows; ``rows`` holds the first ones
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=self.columns)
+
+
+class Query:
+    """One read-only query: run() in a worker thread on its own cursor; cancel() from any thread.
+
+    The cursor exists only while the query runs, so an interrupt can reach exactly this query and a late
+    one (the timer firing as the query ends) lands on a cursor that is about to be closed.
+    """
+
+    def __init__(self, store: Store, sql: str, params: object = None):
+        if not isinstance(sql, str):
+            raise StoreError(f"sql must be a string, got {type(sql).__name__}")
+        self.store = store
+        self.sql = sql
+        self.args = _check_params(params)
+        self._lock = threading.Lock()
+        self._cursor: duckdb.DuckDBPyConnection | None = None
+        self._cancelled = False
+        self._timed_out = False
+
+    def run(self) -> QueryResult:
+        limit_s, max_rows = self.store.query_timeout_s, self.store.max_rows
+        with self._lock:
+            if self._cancelled:
+                raise QueryCancelled("the query was cancelled before it started")
+            self._cursor = cursor = self.store.cursor()
+        self.store.running.add(self)
+        timer = threading.Timer(limit_s, self._expire)
+        timer.start()
+        try:
+            statement = _one_select(cursor, self.sql)
+            cursor.execute("BEGIN TRANSACTION READ ONLY")
+            cursor.execute(statement, self.args)
+            columns = [d[0] for d in cursor.description or ()]
+            rows = cursor.fetchmany(max_rows + 1)
+        except duckdb.InterruptException as exc:
+            if self._timed_out:
+                raise QueryTimeout(f"query interrupted after {limit_s:g} s, the collector's time limit "
+                                   "(--query-timeout); narrow it with WHERE or LIMIT, or read a snapshot") from exc
+            raise QueryCancelled("query interrupted: its client left or the collector is stopping") from exc
+        except duckdb.Error as exc:
+            raise StoreError(f"query failed: {exc}") from exc
+        finally:
+            timer.cancel()
+            self.store.running.discard(self)
+            with self._lock:
+                self._cursor = None
+            cursor.close()
+        return QueryResult(columns, rows[:max_rows], len(rows) > max_rows)
+
+    def _expire(self) -> None:
+        self._timed_out = True
+        self.cancel()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._cursor is not None:
+                self._cursor.interrupt()
+
+
+class Store:
+    """A workspace database opened for writing (one per process and file).
+
+    Writes go through one cursor under a lock, each batch one transaction; reads get a cursor each and see
+    a consistent snapshot of the file while writes go on (DuckDB's MVCC).
+    """
+
+    def __init__(self, path: str | Path, *, query_timeout_s: float = QUERY_TIMEOUT_S, max_rows: int = MAX_ROWS):
+        if query_timeout_s <= 0 or max_rows <= 0:
+            raise ValueError(f"query_timeout_s and max_rows must be positive, got {query_timeout_s} and {max_rows}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.con = duckdb.connect(str(self.path))
-        create_all(self.con)
+        self.query_timeout_s = query_timeout_s
+        self.max_rows = max_rows
+        self.running: set[Query] = set()  # so that close() can interrupt them
+        self._root = duckdb.connect(str(self.path), config=dict(_LOCKED_DOWN))
+        self._cursor_lock = threading.Lock()
         self._lock = threading.Lock()
+        self._writer = self.cursor()
+        create_all(self._writer)
+
+    @property
+    def snapshot_root(self) -> Path:
+        return self.path.parent / "snapshots"
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A connection of its own to this database (same settings, same lock-down) for one thread's work."""
+        with self._cursor_lock:
+            return self._root.cursor()
 
     def insert(self, table: str, rows: list[dict]) -> int:
         """Rows as dicts (a JSON batch over HTTP), checked against the table's row dataclass first."""
-        validate(table, rows)
-        return self._write(table, rows)
+        return self.insert_batch({table: rows})[table]
 
     def insert_rows(self, rows: Sequence[Row]) -> int:
         """Row dataclasses from an in-process producer (offline runs, notebooks), grouped by table."""
@@ -136,54 +282,84 @@ class Store:
         return sum(self.insert_batch(by_table).values())
 
     def insert_batch(self, batch: Mapping[str, list[dict]]) -> dict[str, int]:
-        """Rows of several tables, all or nothing: every table's rows are checked before any is written, so
-        a rejected batch leaves the file as it was and a producer's retry cannot duplicate half of it."""
+        """Rows of several tables, all or nothing; the rows each table gained (rows it had already are not
+        counted). Every row is checked before any is written, and the writes are one transaction."""
         for table, rows in batch.items():
             validate(table, rows)
-        return {table: self._write(table, rows) for table, rows in batch.items()}
-
-    def _write(self, table: str, rows: list[dict]) -> int:
-        if not rows:
-            return 0
-        spec = TABLES[table]
-        names = spec.names
-        defaults = {f.name: f.default for f in dataclasses.fields(spec.row) if f.default is not dataclasses.MISSING}
-        df = pd.DataFrame([[r.get(c, defaults.get(c)) for c in names] for r in rows], columns=names)
-        cols = ", ".join(names)
-        verb = "INSERT OR IGNORE" if spec.primary_key else "INSERT"
+        frames = {table: self._frame(table, rows) for table, rows in batch.items() if rows}
+        counts = dict.fromkeys(batch, 0)
+        writing = ""
         with self._lock:
-            self.con.register("_batch", df)
+            for table, df in frames.items():  # outside the transaction: unregistering cannot fail after an error
+                self._writer.register(f"_batch_{table}", df)
             try:
-                self.con.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _batch")
-            finally:
-                self.con.unregister("_batch")
-        return len(rows)
-
-    def query(self, sql: str, params: Sequence[Param] | None = None) -> pd.DataFrame:
-        """A read-only query; values go in ``params`` (DuckDB ``?`` placeholders), never into ``sql``."""
-        head = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
-        if head not in _READ_ONLY:
-            raise StoreError(f"only read-only queries are allowed here, got {head or 'an empty query'!r}")
-        args = _check_params(params)
-        with self._lock:
-            try:
-                return self.con.execute(sql, args).df()
+                self._writer.execute("BEGIN TRANSACTION")
+                try:
+                    for writing in frames:
+                        counts[writing] = self._insert(writing)
+                    self._writer.execute("COMMIT")
+                except BaseException:
+                    self._writer.execute("ROLLBACK")
+                    raise
             except duckdb.Error as exc:
-                raise StoreError(f"query failed: {exc}") from exc
+                raise StoreError(f"table {writing}: the batch could not be written, nothing was: {exc}") from exc
+            finally:
+                for table in frames:
+                    self._writer.unregister(f"_batch_{table}")
+        return counts
 
-    def snapshot(self, folder: str | Path) -> list[str]:
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
+    @staticmethod
+    def _frame(table: str, rows: list[dict]) -> pd.DataFrame:
+        names = TABLES[table].names
+        defaults = {f.name: f.default for f in dataclasses.fields(TABLES[table].row)
+                    if f.default is not dataclasses.MISSING}
+        return pd.DataFrame([[r.get(c, defaults.get(c)) for c in names] for r in rows], columns=names)
+
+    def _insert(self, table: str) -> int:
+        cols = ", ".join(TABLES[table].names)  # names from store.schema, not from the request
+        (inserted,) = self._writer.execute(  # type: ignore[misc]
+            f"INSERT OR IGNORE INTO {table} ({cols}) SELECT {cols} FROM _batch_{table}").fetchone()
+        return int(inserted)
+
+    def query(self, sql: str, params: Sequence[Param] | None = None) -> QueryResult:
+        """A read-only query; values go in ``params`` (DuckDB ``?`` placeholders), never into ``sql``."""
+        return Query(self, sql, params).run()
+
+    def snapshot(self, name: str) -> list[str]:
+        """Every table as Parquet under ``<workspace>/snapshots/<name>/``, all read in one transaction so
+        the files agree with each other. pyarrow writes the files: the database itself cannot."""
+        if not isinstance(name, str) or not SNAPSHOT_NAME.fullmatch(name) or ".." in name:
+            raise StoreError(f"a snapshot name is 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                             f"or digit, without '..'; got {name!r:.80}")
+        folder = self.snapshot_root / name
+        cursor = self.cursor()
         written = []
-        with self._lock:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            cursor.execute("BEGIN TRANSACTION READ ONLY")
             for table in TABLES:
-                target = out / f"{table}.parquet"
-                self.con.execute(f"COPY {table} TO '{target}' (FORMAT PARQUET)")
+                target, partial = folder / f"{table}.parquet", folder / f".{table}.parquet.partial"
+                reader = cursor.sql(f"FROM {table}").to_arrow_reader(_SNAPSHOT_BATCH_ROWS)  # a schema name
+                with pq.ParquetWriter(partial, reader.schema) as out:
+                    for chunk in reader:
+                        out.write_batch(chunk)
+                os.replace(partial, target)
                 written.append(str(target))
+        except OSError as exc:
+            raise StoreError(f"cannot write snapshot {name!r} under {self.snapshot_root}: {exc}") from exc
+        finally:
+            cursor.close()
         return written
 
+    def interrupt_queries(self) -> None:
+        for query in list(self.running):
+            query.cancel()
+
     def close(self) -> None:
-        self.con.close()
+        self.interrupt_queries()
+        with self._lock:
+            self._writer.close()
+            self._root.close()
 
 
 def _error(status: int, message: str) -> Response:
@@ -191,47 +367,108 @@ def _error(status: int, message: str) -> Response:
                     media_type="application/json")
 
 
-def build_app(store: Store) -> Starlette:
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _body(request: HttpRequest, limit: int) -> bytes:
+    """The request body, read no further than ``limit`` bytes whatever Content-Length claims."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _BodyTooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_value(value: object) -> object:
+    """SQL values orjson does not know: DECIMAL (avg, round, SUMMARIZE) as a number, the rest as text."""
+    return float(value) if isinstance(value, decimal.Decimal) else str(value)
+
+
+def build_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES, max_queries: int = MAX_QUERIES) -> Starlette:
+    readers = ThreadPoolExecutor(max_queries, thread_name_prefix="collector-query")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="collector-writer")
+    slots = asyncio.Semaphore(max_queries)
+    too_large = (f"request body over the collector's limit of {max_body_bytes} bytes "
+                 f"({max_body_bytes / 2**20:g} MiB); send smaller batches")
+    busy = f"the collector is already running {max_queries} queries; retry shortly"
+
     async def events(request: HttpRequest) -> Response:
         try:
-            batch = orjson.loads(await request.body())
+            batch = orjson.loads(await _body(request, max_body_bytes))
+        except _BodyTooLarge:
+            return _error(413, too_large)
         except orjson.JSONDecodeError as exc:
             return _error(400, f"event batch is not valid JSON: {exc}")
         if not isinstance(batch, dict):
             return _error(400, "an event batch is an object {table: [rows]}")
+        for table, rows in batch.items():
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                return _error(400, f"table {table}: rows must be a list of objects")
         try:
-            for table, rows in batch.items():
-                if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                    raise StoreError(f"table {table}: rows must be a list of objects")
-            counts = store.insert_batch(batch)
+            counts = await asyncio.get_running_loop().run_in_executor(writer, store.insert_batch, batch)
         except StoreError as exc:
             return _error(400, str(exc))
         return Response(orjson.dumps({"inserted": counts}), media_type="application/json")
 
     async def query(request: HttpRequest) -> Response:
+        usage = 'query body is {"sql": "SELECT ... WHERE x = ?", "params": [scalars]} (params optional)'
         try:
-            body = orjson.loads(await request.body())
-            df = store.query(str(body["sql"]), body.get("params"))
+            body = orjson.loads(await _body(request, max_body_bytes))
+            job = Query(store, body["sql"], body.get("params"))
+        except _BodyTooLarge:
+            return _error(413, too_large)
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            return _error(400, 'query body is {"sql": "SELECT ... WHERE x = ?", "params": [scalars]} (params optional)')
+            return _error(400, usage)
         except StoreError as exc:
             return _error(400, str(exc))
-        payload = {"columns": list(df.columns), "rows": df.astype(object).where(df.notna(), None).values.tolist()}
-        return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+        if slots.locked():
+            return _error(503, busy)
+        async with slots:
+            running = asyncio.get_running_loop().run_in_executor(readers, job.run)
+            while not (await asyncio.wait({running}, timeout=_DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():
+                    job.cancel()
+                    break
+            try:
+                result = await running
+            except QueryTimeout as exc:
+                return _error(504, str(exc))
+            except StoreError as exc:
+                return _error(400, str(exc))
+        payload = {"columns": result.columns, "rows": result.rows, "truncated": result.truncated}
+        return Response(orjson.dumps(payload, default=_json_value), media_type="application/json")
 
     async def snapshot(request: HttpRequest) -> Response:
         try:
-            folder = orjson.loads(await request.body())["folder"]
+            name = orjson.loads(await _body(request, max_body_bytes))["name"]
+        except _BodyTooLarge:
+            return _error(413, too_large)
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            return _error(400, 'snapshot body is {"folder": "/path"}')
-        return Response(orjson.dumps({"files": store.snapshot(folder)}), media_type="application/json")
+            return _error(400, 'snapshot body is {"name": "NAME"}: written to <workspace>/snapshots/NAME/')
+        if slots.locked():
+            return _error(503, busy)
+        async with slots:
+            try:
+                files = await asyncio.get_running_loop().run_in_executor(readers, store.snapshot, name)
+            except StoreError as exc:
+                return _error(400, str(exc))
+        return Response(orjson.dumps({"files": files}), media_type="application/json")
 
     async def health(request: HttpRequest) -> Response:
         return Response(orjson.dumps({"db": str(store.path)}), media_type="application/json")
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(app: Starlette) -> typing.AsyncIterator[None]:
         yield
+        store.interrupt_queries()
+        readers.shutdown(wait=True)
+        writer.shutdown(wait=True)
         store.close()
 
     return Starlette(routes=[
@@ -246,11 +483,16 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     p = argparse.ArgumentParser(description="Block collector: the single DuckDB writer of a workspace")
-    p.add_argument("--db", required=True, help="DuckDB file of the workspace")
+    p.add_argument("--db", required=True, help="DuckDB file of the workspace (snapshots go beside it)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8300)
+    p.add_argument("--query-timeout", type=float, default=QUERY_TIMEOUT_S, help="seconds before a query is interrupted")
+    p.add_argument("--max-rows", type=int, default=MAX_ROWS, help="rows a query returns at most")
     args = p.parse_args(argv)
-    uvicorn.run(build_app(Store(args.db)), host=args.host, port=args.port, log_level="warning", access_log=False)
+    token = token_for(args.host, "collector")
+    app = build_app(Store(args.db, query_timeout_s=args.query_timeout, max_rows=args.max_rows))
+    uvicorn.run(TokenGuard(app, token, ("/events", "/query", "/snapshot")), host=args.host, port=args.port,
+                log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

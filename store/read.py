@@ -3,6 +3,8 @@
 Every query the project runs against the store lives here, as a method with ``?`` parameters: callers
 never paste values into SQL (a run id with a quote in it is data, not syntax), and a schema change is
 one file to review. Summaries are computed in SQL so a dashboard refreshing every second stays cheap.
+The collector returns at most its row cap (100,000 by default); a result it had to cut is an error here,
+not a silently partial frame.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import httpx
 import orjson
 import pandas as pd
 
+from store.auth import cluster_token
+
 Param = str | int | float | bool | None
 
 
@@ -24,16 +28,21 @@ class Reader:
             raise ValueError("a Reader needs a collector URL (live) or a DuckDB path (finished workspace)")
         self.collector_url = collector_url.rstrip("/") if collector_url else None
         self.db_path = Path(db_path) if db_path else None
+        token = cluster_token() if collector_url else None
+        self._headers = {"authorization": f"Bearer {token}"} if token else {}
 
     def sql(self, query: str, params: Sequence[Param] | None = None) -> pd.DataFrame:
         """Run a read-only query with DuckDB ``?`` parameters, on the collector (live) or the file."""
         args = list(params or ())
         if self.collector_url is not None:
             resp = httpx.post(self.collector_url + "/query", content=orjson.dumps({"sql": query, "params": args}),
-                              timeout=30.0)
+                              headers=self._headers, timeout=30.0)
             if resp.status_code != 200:
                 raise ValueError(f"collector query failed ({resp.status_code}): {resp.text[:300]}")
             data = orjson.loads(resp.content)
+            if data.get("truncated"):
+                raise ValueError(f"collector cut the result at its row cap ({len(data['rows'])} rows): narrow the "
+                                 "query, or read a snapshot or the finished workspace's file")
             return pd.DataFrame(data["rows"], columns=data["columns"])
         assert self.db_path is not None
         if not self.db_path.exists():

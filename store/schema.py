@@ -10,20 +10,31 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 _DUCK_TYPES = {str: "VARCHAR", float: "DOUBLE", int: "INTEGER", bool: "BOOLEAN"}
 
 
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
 @dataclass(kw_only=True)
 class Row:
-    """Base of every table row; ``run_id`` is filled in by the EventSink when a producer leaves it out."""
+    """Base of every table row; ``run_id`` is filled in by the EventSink when a producer leaves it out.
+
+    ``event_id`` is made when the row is made, so a batch the EventSink posts again after a timeout (the
+    collector may have written it) carries the same ids: tables without a natural key are keyed by it and
+    the collector inserts with ``INSERT OR IGNORE``, so a resend is a no-op. Producers never set it.
+    """
 
     TABLE: ClassVar[str] = ""
-    PRIMARY_KEY: ClassVar[tuple[str, ...]] = ()
+    PRIMARY_KEY: ClassVar[tuple[str, ...]] = ("event_id",)
 
     run_id: str = ""
+    event_id: str = field(default_factory=new_event_id)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

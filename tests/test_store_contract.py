@@ -152,7 +152,7 @@ def test_store_insert_names_what_was_wrong(tmp_path):
             store.insert_rows([{"run_id": "a"}])  # type: ignore[list-item]
         assert store.insert_rows([RunRow(run_id="a", started_at=0.0, label="x", policy="p"),
                                   request_row("r1", run_id="a")]) == 2
-        assert store.query("SELECT count(*) AS n FROM runs")["n"].tolist() == [1]
+        assert store.query("SELECT count(*) AS n FROM runs").frame()["n"].tolist() == [1]
     finally:
         store.close()
 
@@ -174,7 +174,7 @@ def test_parameterised_queries_take_hostile_values_as_data(tmp_path):
         resp = httpx.post(url + "/query", content=orjson.dumps({"sql": "SELECT ?", "params": [{"a": 1}]}))
         assert resp.status_code == 400 and "params must be a list of scalars" in resp.json()["error"]["message"]
         resp = httpx.post(url + "/query", content=orjson.dumps({"sql": "DROP TABLE requests"}))
-        assert resp.status_code == 400 and "read-only" in resp.json()["error"]["message"]
+        assert resp.status_code == 400 and "only SELECT" in resp.json()["error"]["message"]
     finished = Reader(db_path=db)
     assert finished.requests(HOSTILE)["run_id"].tolist() == [HOSTILE]
     assert sorted(finished.summary()["run_id"]) == sorted(tricky)  # nothing was dropped
