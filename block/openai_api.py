@@ -20,13 +20,16 @@ MAX_TOKENS_LIMIT = 1 << 20
 class ApiError(Exception):
     """An error to send back as OpenAI does: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.kind = kind or {400: "BadRequestError", 404: "NotFoundError", 401: "AuthenticationError",
-                             503: "ServiceUnavailableError", 504: "TimeoutError"}.get(status, "APIError")
+                             429: "RateLimitError", 503: "ServiceUnavailableError",
+                             504: "TimeoutError"}.get(status, "APIError")
+        self.headers = dict(headers or {})
 
     def body(self) -> bytes:
         return orjson.dumps({"error": {"message": self.message, "type": self.kind, "param": self.param,
@@ -51,15 +54,84 @@ def _prompt_from_chat(messages: Any) -> str:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
     parts = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise ApiError(400, f"messages[{i}] must be an object with a 'role'", "messages")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
+            raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", "messages")
         content = m.get("content", "")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if isinstance(content, list):
+            content = " ".join(_text_part(part, f"messages[{i}].content[{j}]") for j, part in enumerate(content))
         if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string or a list of parts", "messages")
+            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
         parts.append(f"{m['role']}: {content}")
     return "\n".join(parts)
+
+
+def _text_part(part: Any, where: str) -> str:
+    """A content part's text. Only text parts are served: an image or audio part would be dropped on the
+    way to a text-only engine, and the answer would silently ignore it."""
+    if not isinstance(part, dict):
+        raise ApiError(400, f"{where} must be an object {{type: text, text: string}}", "messages")
+    if part.get("type", "text") != "text":
+        raise ApiError(400, f"{where}.type {part.get('type')!r} is not supported; only text parts are served",
+                       "messages")
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise ApiError(400, f"{where}.text must be a string, got {text!r}", "messages")
+    return text
+
+
+# Parameters that change what a response contains. No hop implements them end to end (the emulator, the
+# side-car's token counting and the scheduler's predictions all assume one choice of plain text), so a
+# request that sets one is refused instead of silently answered without it. Each maps to the values that
+# mean "off", which are accepted (compared with their type: a completions ``logprobs`` of 0 asks for the
+# sampled token's log-probability, while a chat ``logprobs`` of false asks for none).
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "suffix": ("",),
+    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "response_format": ({"type": "text"},), "prompt_logprobs": (), "use_beam_search": (False,),
+}
+
+_NUMBERS: dict[str, tuple[float, float]] = {  # sampling parameters passed through to the engine: type and range
+    "temperature": (0.0, float("inf")), "top_p": (0.0, 1.0), "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0), "repetition_penalty": (0.0, float("inf")),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_options(body: dict[str, Any]) -> None:
+    """Refuse parameters no hop serves and parameters of the wrong type, naming the parameter."""
+    for name in ("n", "best_of"):
+        value = body.get(name)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise ApiError(400, f"'{name}' must be a positive integer, got {value!r}", name)
+    for name, off in _UNSUPPORTED.items():
+        value = body.get(name)
+        if value is None or any(type(value) is type(o) and value == o for o in off):
+            continue
+        raise ApiError(400, f"'{name}' is not supported here (got {value!r}): every hop serves one choice of plain "
+                            "text, without log-probabilities, echo, tools or structured output", name)
+    for name, (low, high) in _NUMBERS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+            raise ApiError(400, f"'{name}' must be a number in [{low}, {high}], got {value!r}", name)
+    for name in ("stream", "ignore_eos"):
+        value = body.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise ApiError(400, f"'{name}' must be true or false, got {value!r}", name)
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise ApiError(400, f"'seed' must be an integer, got {seed!r}", "seed")
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise ApiError(400, f"'stop' must be a string or a list of strings, got {stop!r}", "stop")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise ApiError(400, f"'user' must be a string, got {user!r}", "user")
 
 
 def parse_request(raw: bytes, kind: str, served_models: list[str], max_model_len: int | None) -> CompletionRequest:
@@ -73,6 +145,7 @@ def parse_request(raw: bytes, kind: str, served_models: list[str], max_model_len
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required", "model")
+    _check_options(body)
     if model not in served_models:
         raise ApiError(404, f"The model `{model}` does not exist. Served models: {', '.join(served_models)}",
                        "model", "NotFoundError")
@@ -83,7 +156,7 @@ def parse_request(raw: bytes, kind: str, served_models: list[str], max_model_len
         prompt = body.get("prompt")
         if prompt is None:
             raise ApiError(400, "'prompt' is required", "prompt")
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
             text, n_prompt = "", len(prompt)
         elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             text = prompt[0]
@@ -97,7 +170,7 @@ def parse_request(raw: bytes, kind: str, served_models: list[str], max_model_len
     key = "max_completion_tokens" if kind == "chat" and "max_completion_tokens" in body else "max_tokens"
     max_tokens = body.get(key)
     if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        if not _is_int(max_tokens):
             raise ApiError(400, f"'{key}' must be an integer, got {max_tokens!r}", key)
         if max_tokens < 1:
             raise ApiError(400, f"'{key}' must be at least 1, got {max_tokens}", key)
@@ -109,14 +182,15 @@ def parse_request(raw: bytes, kind: str, served_models: list[str], max_model_len
             raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
                                 f"requested {total} tokens ({n_prompt} in the prompt, {max_tokens or 1} for the "
                                 "completion). Please reduce the length of the prompt or completion.", key)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false", "stream")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    return CompletionRequest(kind, model, text, n_prompt, max_tokens, stream, bool(opts.get("include_usage")),
-                             bool(body.get("ignore_eos", False)), body)
+    include_usage = opts.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, f"'stream_options.include_usage' must be true or false, got {include_usage!r}",
+                       "stream_options")
+    return CompletionRequest(kind, model, text, n_prompt, max_tokens, body.get("stream") is True, include_usage,
+                             body.get("ignore_eos") is True, body)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -44,14 +44,17 @@ def instance(name, collector=None):
 
 
 @contextlib.contextmanager
-def cluster(tmp_path, n=2, policy="block", budget_s=0.5, estimator=None):
+def cluster(tmp_path, n=2, policy="block", budget_s=0.5, estimator=None, extra=None, **scheduler_options):
+    """``extra``: more side-car URLs by instance name (fakes that hang or break); ``scheduler_options`` go
+    to the Scheduler (timeouts, outlier detection, limits)."""
     with contextlib.ExitStack() as stack:
         store = Store(tmp_path / "ws.duckdb")
         collector = stack.enter_context(serve(collector_app(store)))
         insts = [stack.enter_context(instance(f"i{k}", collector)) for k in range(n)]
-        sched = Scheduler({f"i{k}": insts[k][2] for k in range(n)}, policy, ["llama"], 4096,
-                          predict_budget_s=budget_s, admin_token=TOKEN, sink=EventSink(collector, "t"),
-                          poll_interval=0.05, estimator=estimator)
+        urls = {f"i{k}": insts[k][2] for k in range(n)} | (extra or {})
+        sched = Scheduler(urls, policy, ["llama"], 4096, predict_budget_s=budget_s, admin_token=TOKEN,
+                          sink=EventSink(collector, "t"), poll_interval=0.05, estimator=estimator,
+                          **scheduler_options)
         url = stack.enter_context(serve(scheduler_app(sched)))
         yield sched, url, insts, collector
 
@@ -63,6 +66,13 @@ def eventually(check, timeout=5.0):
             return False
         time.sleep(0.05)
     return True
+
+
+def quiet_poller(sched):
+    """Stop the registry's polling from changing instance states under a test: the poll in progress ends,
+    and the next is an hour away."""
+    sched.registry.poll_interval = 3600
+    time.sleep(0.3)
 
 
 def complete(url, max_tokens=8, stream=True, rid=None):
@@ -164,8 +174,8 @@ def test_predictor_missing_its_budget_falls_back_to_live_signals(tmp_path):
 
 def test_dead_instance_before_first_token_is_retried_elsewhere(tmp_path):
     with cluster(tmp_path, policy="round_robin") as (sched, url, _insts, _collector):
+        quiet_poller(sched)  # keep the poller from noticing first
         sched.instances["i0"].url = "http://127.0.0.1:9"  # its side-car vanished
-        sched.registry.poll_interval = 3600  # keep the poller from noticing first
         results = [complete(url) for _ in range(4)]
         assert all(r.status_code == 200 for r in results)
         assert sched.retries_total >= 1 and sched.instances["i0"].failures >= 1
@@ -174,9 +184,9 @@ def test_dead_instance_before_first_token_is_retried_elsewhere(tmp_path):
 
 def test_no_instance_left_is_a_clear_503(tmp_path):
     with cluster(tmp_path, n=1) as (sched, url, _insts, _collector):
+        quiet_poller(sched)
         sched.instances["i0"].status = "down"
         sched.instances["i0"].reason = "engine gone"
-        sched.registry.poll_interval = 3600
         r = complete(url)
         assert r.status_code == 503 and "engine gone" in r.json()["error"]["message"]
 

@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from block import openai_api as oa
 from block.engines.settings import EngineSettings
-from block.http import background
+from block.http import ClientGone, background, until_disconnected
 from block.prometheus import Histogram, render
 from simulator.engine import Engine, EngineConfig, Seq
 from simulator.timing import TimingModel
@@ -181,10 +181,17 @@ def build_app(emu: EmulatedEngine, served_model: str) -> Starlette:
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if not req.stream:
-            try:
-                pieces = []
+            async def collect() -> list[str]:
+                pieces: list[str] = []
                 while (k := await stream.queue.get()) is not None:
                     pieces.extend(WORDS[(len(pieces) + j) % len(WORDS)] for j in range(k))
+                return pieces
+
+            try:  # like vLLM, abort the request when its client disconnects before the answer
+                pieces = await until_disconnected(request.receive, collect())
+            except ClientGone:
+                emu.cancel(stream)
+                return Response(status_code=499)
             except asyncio.CancelledError:
                 emu.cancel(stream)
                 raise

@@ -6,6 +6,10 @@ prompt and generated tokens without engine changes. It reconciles that view with
 InstanceState, and answers ``POST /predict`` with the same Predictor the offline studies use. Its timing
 model starts as the roofline of its GPU and is refitted online from the step times the engine reports
 (``OnlineCalibration``); ``/state`` and every prediction say which one it is.
+
+A caller that leaves is noticed even while the side-car still waits on its engine (a non-streaming
+answer), and closing the engine connection aborts the request there. Off loopback, ``/predict``,
+``/state`` and ``/v1/*`` answer only callers with the cluster token (``store.auth``).
 """
 
 from __future__ import annotations
@@ -22,12 +26,21 @@ import orjson
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from block import openai_api as oa
 from block.events import EventSink
-from block.http import background, proxy_session, relay
+from block.http import (
+    ClientGone,
+    Relay,
+    RelayResponse,
+    TokenCounter,
+    background,
+    proxy_session,
+    run_server,
+    until_disconnected,
+)
 from block.predictor.calibration import OnlineCalibration, build_predictor
 from block.predictor.core import Predictor
 from block.prometheus import Histogram, parse_label, parse_metrics, render
@@ -42,6 +55,7 @@ from block.protocol import (
 from simulator.engine import EngineConfig, InstanceState, RequestState
 from simulator.timing import StepSample
 from simulator.workload import LengthPrior, Request
+from store.auth import TokenGuard, token_for
 from store.schema import InstanceSampleRow
 
 
@@ -137,31 +151,6 @@ class InstanceTracker:
         return InstanceState(cfg, self.clock(), out + waiting, self.engine_preemptions)
 
 
-class _Count:
-    """Counts tokens in an SSE byte stream without holding more than one partial event.
-
-    Byte checks instead of JSON parsing keep the per-token cost of the proxy small: an event carries a
-    token unless its text is empty (final chunk) or it has no choices (the usage chunk).
-    """
-
-    _EMPTY = (b'"text":""', b'"content":""', b'"choices":[]', b'"delta":{}')
-
-    def __init__(self) -> None:
-        self.buffer = b""
-
-    def feed(self, data: bytes) -> int:
-        self.buffer += data
-        if b"\n\n" not in self.buffer:
-            return 0
-        *events, self.buffer = self.buffer.split(b"\n\n")
-        tokens = 0
-        for event in events:
-            if event.startswith(b"data: {") and b'"error"' not in event[:20] and not any(
-                    marker in event for marker in self._EMPTY):
-                tokens += 1
-        return tokens
-
-
 class SideCar:
     def __init__(self, name: str, engine_url: str, tracker: InstanceTracker, predictor: Predictor, *,
                  sink: EventSink | None = None, metrics_interval: float = 0.25):
@@ -179,6 +168,7 @@ class SideCar:
         self.predict_latency = Histogram()
         self.proxied_total = 0
         self.proxy_errors_total = 0
+        self.cancelled_total = 0
 
     async def poll_engine_once(self) -> None:
         assert self.client is not None
@@ -255,39 +245,57 @@ class SideCar:
             headers[PREDICTED_TOKENS_HEADER] = str(predicted)
         tracked = self.tracker.start(parsed.prompt_tokens, predicted) if parsed is not None else None
         self.proxied_total += 1
+        stream = parsed is not None and parsed.stream
         try:
-            resp = await self.client.post(self.engine_url + path, data=body, headers=headers)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            resp, data = await until_disconnected(request.receive, self._forward(path, body, headers, stream))
+        except ClientGone:  # the caller left; closing the engine connection aborted the request there
+            self.cancelled_total += 1
             if tracked:
                 self.tracker.finish(tracked)
-            self.proxy_errors_total += 1
-            raise oa.ApiError(503, f"side-car {self.name}: engine {self.engine_url} unreachable: {exc!r}") from exc
-        if parsed is None or not parsed.stream or resp.status != 200:
-            try:
-                data = await resp.read()
-            except aiohttp.ClientError as exc:
-                self.proxy_errors_total += 1
-                raise oa.ApiError(502, f"side-car {self.name}: engine response broke: {exc!r}") from exc
-            finally:
-                resp.release()
-                if tracked:
-                    self.tracker.finish(tracked)
+            return Response(status_code=499)
+        except BaseException:
+            if tracked:
+                self.tracker.finish(tracked)
+            raise
+        if data is not None:
+            if tracked:
+                self.tracker.finish(tracked)
             return Response(data, status_code=resp.status, media_type=resp.headers.get("content-type"))
-        counter = _Count()
+        counter = TokenCounter()
 
-        def count(data: bytes) -> None:
-            n = counter.feed(data)
+        def count(chunk: bytes) -> None:
+            n = counter.feed(chunk)
             if n and tracked:
                 self.tracker.token(tracked, n)
 
         def end(status: str, error: str) -> None:
             if status == "error":
                 self.proxy_errors_total += 1
+            elif status == "cancelled":
+                self.cancelled_total += 1
             if tracked:
                 self.tracker.finish(tracked)
 
-        return StreamingResponse(relay(resp, resp.content.iter_any(), on_chunk=count, on_end=end, upstream="engine"),
-                                 media_type="text/event-stream")
+        return RelayResponse(Relay(resp, resp.content.iter_any(), on_chunk=count, on_end=end, upstream="engine"))
+
+    async def _forward(self, path: str, body: bytes, headers: dict[str, str],
+                       stream: bool) -> tuple[aiohttp.ClientResponse, bytes | None]:
+        """Post to the engine: the response and its whole body, or None for a body still to stream."""
+        assert self.client is not None
+        try:
+            resp = await self.client.post(self.engine_url + path, data=body, headers=headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.proxy_errors_total += 1
+            raise oa.ApiError(503, f"side-car {self.name}: engine {self.engine_url} unreachable: {exc!r}") from exc
+        if stream and resp.status == 200:
+            return resp, None
+        try:
+            return resp, await resp.read()
+        except aiohttp.ClientError as exc:
+            self.proxy_errors_total += 1
+            raise oa.ApiError(502, f"side-car {self.name}: engine response broke: {exc!r}") from exc
+        finally:
+            resp.release()
 
     def predict(self, raw: bytes) -> dict:
         t0 = time.perf_counter()
@@ -330,6 +338,8 @@ class SideCar:
              len(state.requests) - running),
             ("block:sidecar_proxied_total", "counter", "Requests proxied to the engine.", labels, self.proxied_total),
             ("block:sidecar_proxy_errors_total", "counter", "Proxy failures.", labels, self.proxy_errors_total),
+            ("block:sidecar_cancelled_total", "counter", "Callers that left; each aborted its engine request.",
+             labels, self.cancelled_total),
             ("block:sidecar_predict_seconds", "histogram", "Time to answer /predict.", labels, self.predict_latency),
         ])
 
@@ -388,8 +398,6 @@ def build_app(car: SideCar) -> Starlette:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     from block.engines.settings import EngineSettings
 
     p = argparse.ArgumentParser(description="Block predictor side-car for one engine")
@@ -399,13 +407,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="instance-0")
     p.add_argument("--collector-url")
     p.add_argument("--run-id", default="live")
+    p.add_argument("--graceful-timeout", type=float, default=5.0,
+                   help="seconds open streams get after SIGTERM before they are cut and the samples flushed")
     EngineSettings.add_args(p)
     args = p.parse_args(argv)
+    try:
+        token = token_for(args.host, "side-car")
+    except ValueError as exc:
+        p.error(str(exc))
     settings = EngineSettings.from_args(args)
     tracker = InstanceTracker(settings.engine_config(), settings.time_scale)
     predictor = build_predictor(LengthPrior.embedded(), settings.timing())
     car = SideCar(args.name, args.engine_url, tracker, predictor, sink=EventSink(args.collector_url, args.run_id))
-    uvicorn.run(build_app(car), host=args.host, port=args.port, log_level="warning", access_log=False)
+    app = TokenGuard(build_app(car), token, ("/predict", "/state", "/v1"))
+    run_server(app, args.host, args.port, graceful_timeout_s=args.graceful_timeout)
 
 
 if __name__ == "__main__":

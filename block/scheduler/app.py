@@ -1,14 +1,24 @@
 """The global scheduler: an OpenAI-compatible front door that routes each request by policy.
 
-Per request: validate, optionally estimate the response length (off the event loop), let the shared
-``Router`` plan, ask only the shortlisted side-cars for predictions concurrently within a time budget, let
-the policy choose, forward and stream back. The registry (``registry``) keeps the instances and their
-polled signals; this module holds the routes and the per-request work.
+Per request: admit it (at most ``max_inflight`` at once; beyond that a 429 with Retry-After sheds the load
+before queues grow to seconds), validate, optionally estimate the response length (off the event loop),
+let the shared ``Router`` plan, ask only the shortlisted side-cars for predictions concurrently within a
+time budget, let the policy choose, forward and stream back. The registry (``registry``) keeps the
+instances, their polled signals and their outlier ejections; this module holds the routes and the
+per-request work.
 
 Failures: a side-car that misses the prediction budget is skipped (the decision records a partial or
-full fallback to live signals); an instance that fails before the first token is marked down and the
-request is retried elsewhere; a client that disconnects cancels the upstream request. Every error names
-its cause, and every ``ApiError`` becomes a response in one exception handler.
+full fallback to live signals). Every upstream request has a connect timeout, a first-byte timeout (a
+stream's first event) or, for a non-streaming answer that arrives whole, a response timeout, and an idle
+timeout between chunks, so a stopped or hung instance costs a request at most that long. A failure
+before the first token marks the instance down, counts towards its ejection and is retried elsewhere; a
+client that disconnects cancels the upstream request, streaming or not. Every error names its cause, and
+every ``ApiError`` becomes a response in one exception handler.
+
+Records: every admitted request leaves exactly one ``RequestRow`` under the scheduler's own id (unique,
+returned in ``x-block-request-id``), beside the client's ``x-request-id``; status ``ok``, ``error`` (with
+what failed), ``cancelled`` (the client left) or ``rejected`` (over capacity). A stream is ``ok`` only
+when it ended with ``data: [DONE]`` and carried no error event.
 """
 
 from __future__ import annotations
@@ -20,18 +30,32 @@ import hmac
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import aiohttp
 import orjson
 from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from block import openai_api as oa
 from block.events import EventSink
-from block.http import background, proxy_session, relay
+from block.http import (
+    ERROR_EVENT,
+    ClientGone,
+    Relay,
+    RelayResponse,
+    TokenCounter,
+    background,
+    error_message,
+    proxy_session,
+    run_server,
+    until_disconnected,
+)
 from block.policies import Candidate, Policy, make_policy
 from block.prometheus import Histogram, render
 from block.protocol import (
@@ -43,48 +67,140 @@ from block.protocol import (
     ProtocolError,
 )
 from block.routing import FALLBACKS, NoCandidates, Router, RoutingDecision
-from block.scheduler.registry import Registry
+from block.scheduler.registry import Instance, OutlierDetection, Registry
 from simulator.workload import Request
+from store.auth import token_for
 from store.schema import RequestRow
 
 LengthEstimator = Callable[[str], int]
 
+BLOCK_REQUEST_ID_HEADER = "x-block-request-id"  # the scheduler's own id of a request, in every answer
+ADMIN_TOKEN_ENV = "BLOCK_ADMIN_TOKEN"
+ADMIN_TOKEN_FILE_ENV = "BLOCK_ADMIN_TOKEN_FILE"
+TIMEOUT_KINDS = ("connect", "first_byte", "response", "idle")
 
-class _BrokenBeforeFirstToken(Exception):
-    pass
+
+def admin_token_from_env() -> str | None:
+    """The admin token from ``BLOCK_ADMIN_TOKEN`` or the file ``BLOCK_ADMIN_TOKEN_FILE`` names; None when
+    neither is set. Never from argv, where ``ps`` shows it to every user of the machine."""
+    value = os.environ.get(ADMIN_TOKEN_ENV)
+    if value:
+        return value.strip()
+    path = os.environ.get(ADMIN_TOKEN_FILE_ENV)
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{ADMIN_TOKEN_FILE_ENV}={path}: cannot read the admin token: {exc}") from exc
+    if not text:
+        raise ValueError(f"{ADMIN_TOKEN_FILE_ENV}={path}: the token file is empty")
+    return text
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long the scheduler waits on an instance, per upstream request, in seconds.
+
+    ``first_byte`` bounds a stream's wait for its first event (time to first token, queueing included);
+    a non-streaming answer is sent whole when generation ends, so it has no first byte to wait for and
+    ``response`` bounds all of it instead; ``idle`` bounds the gap between two chunks of a stream.
+    """
+
+    connect: float = 2.0
+    first_byte: float = 60.0
+    idle: float = 30.0
+    response: float = 600.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not getattr(self, f.name) > 0:
+                raise ValueError(f"the {f.name} timeout must be > 0 s, got {getattr(self, f.name)}")
+
+
+class _Failed(Exception):
+    """An attempt that failed before the first token. ``kind`` names it; ``gateway`` says whether it counts
+    as a gateway failure for ejection (everything but a plain 5xx or an engine's own error); ``retry``
+    says whether another instance may be tried (not after a whole response timeout)."""
+
+    def __init__(self, kind: str, message: str, *, gateway: bool = True, retry: bool = True):
+        super().__init__(message)
+        self.kind = kind
+        self.gateway = gateway
+        self.retry = retry
+
+
+@dataclass
+class _Call:
+    """One client request as the scheduler records it: one RequestRow, whatever happens to it."""
+
+    rid: str
+    client_rid: str | None
+    arrival: float
+    parsed: oa.CompletionRequest | None = None
+    instance: str | None = None
+    first_ts: float | None = None
+    retries: int = 0
+    failures: list[str] = field(default_factory=list)
+    timed_out: bool = False  # the last failed attempt hit a timeout
+    gave_up: bool = False
+    admitted: bool = False
+    released: bool = False
+    streaming: bool = False
+    recorded: bool = False
 
 
 class Scheduler:
     def __init__(self, instances: dict[str, str], policy: str, served_models: list[str], max_model_len: int,
                  *, predict_budget_s: float = 0.02, admin_token: str | None = None, sink: EventSink | None = None,
-                 estimator: LengthEstimator | None = None, poll_interval: float = 0.1, seed: int = 0):
-        self.registry = Registry(instances, poll_interval=poll_interval)
+                 estimator: LengthEstimator | None = None, poll_interval: float = 0.1, seed: int = 0,
+                 timeouts: Timeouts | None = None, outliers: OutlierDetection | None = None,
+                 max_inflight: int = 1024, max_retries: int = 2, retry_after_s: int = 1,
+                 cluster_token: str | None = None):
+        if max_inflight < 1 or max_retries < 0 or retry_after_s < 1:
+            raise ValueError(f"need max_inflight >= 1, max_retries >= 0 and retry_after_s >= 1; got "
+                             f"{max_inflight}, {max_retries} and {retry_after_s}")
+        self.registry = Registry(instances, poll_interval=poll_interval, outliers=outliers)
         self.router = Router(make_policy(policy, seed=seed))
         self.served_models = served_models
         self.max_model_len = max_model_len
         self.predict_budget_s = predict_budget_s
         self.admin_token = admin_token
+        self.cluster_token = cluster_token
         self.sink = sink or EventSink(None, "")
         self.estimator = estimator
+        self.timeouts = timeouts or Timeouts()
+        self.max_inflight = max_inflight
+        self.max_retries = max_retries
+        self.retry_after_s = retry_after_s
         self.client: aiohttp.ClientSession | None = None
+        self.stopping = False  # set by the shutdown signal: streams cut after it are errors, not client exits
+        self.inflight = 0
         self.decision_latency = Histogram()
         self.requests_total = 0
         self.errors_total = 0
         self.retries_total = 0
+        self.rejected_total = 0
         self.fallbacks = dict.fromkeys(FALLBACKS, 0)
         self.predict_calls_total = 0
         self.cancelled_total = 0
+        self.timeouts_total = dict.fromkeys(TIMEOUT_KINDS, 0)
 
     @property
     def policy(self) -> Policy:
         return self.router.policy
 
     @property
-    def instances(self):
+    def instances(self) -> dict[str, Instance]:
         return self.registry.instances
 
     def set_policy(self, name: str) -> None:
         self.router = Router(make_policy(name))
+
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled client to the side-cars, carrying the cluster token when one is configured."""
+        headers = {"authorization": f"Bearer {self.cluster_token}"} if self.cluster_token else None
+        return proxy_session(headers)
 
     # ---- routing --------------------------------------------------------------------------------
     async def _predict(self, cand: Candidate, req: Request, target: str) -> None:
@@ -127,133 +243,256 @@ class Scheduler:
         return max(1, int(await asyncio.to_thread(self.estimator, parsed.prompt_text)))
 
     async def handle(self, request: HttpRequest, kind: str) -> Response:
-        assert self.client is not None
-        arrival = time.time()
+        """Serve one request and record it once, however it ends."""
+        call = _Call(uuid.uuid4().hex, request.headers.get(REQUEST_ID_HEADER), time.time())
         self.requests_total += 1
-        rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        try:
+            return await self._handle(request, kind, call)
+        except oa.ApiError as err:
+            err.headers[BLOCK_REQUEST_ID_HEADER] = call.rid
+            if err.status == 429:
+                self._record(call, "rejected", err.message)
+            elif call.parsed is not None:  # a body that does not parse leaves no row: there is no request
+                self._record(call, "error", err.message, attempts=not call.gave_up)
+            raise
+        except ClientGone:
+            self.cancelled_total += 1
+            self._record(call, "cancelled", "client disconnected before the first token; upstream request cancelled")
+            return Response(status_code=499)
+        except ClientDisconnect:  # left while sending its body: nothing was parsed or sent upstream
+            return Response(status_code=499)
+        except asyncio.CancelledError:
+            self._record(call, "error" if self.stopping else "cancelled",
+                         "scheduler shut down before the answer" if self.stopping else "request task cancelled")
+            raise
+        finally:
+            if not call.streaming:
+                self._release(call)
+
+    async def _handle(self, request: HttpRequest, kind: str, call: _Call) -> Response:
+        if self.inflight >= self.max_inflight:
+            self.rejected_total += 1
+            raise oa.ApiError(429, f"over capacity: {self.max_inflight} requests in flight at this scheduler; "
+                                   f"retry after {self.retry_after_s} s",
+                              headers={"retry-after": str(self.retry_after_s)})
+        self.inflight += 1
+        call.admitted = True
         body = await request.body()
-        parsed = oa.parse_request(body, kind, self.served_models, self.max_model_len)
+        call.parsed = oa.parse_request(body, kind, self.served_models, self.max_model_len)
+        return await until_disconnected(request.receive, self._route(call, kind, body))
+
+    async def _route(self, call: _Call, kind: str, body: bytes) -> Response:
+        parsed = call.parsed
+        assert parsed is not None
         estimate = await self._estimate(parsed)
-        req = Request(self.requests_total, arrival, parsed.prompt_tokens, 1, estimate)
+        req = Request(self.requests_total, call.arrival, parsed.prompt_tokens, 1, estimate)
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-        headers = {"content-type": "application/json", REQUEST_ID_HEADER: rid}
+        headers = {"content-type": "application/json", REQUEST_ID_HEADER: call.client_rid or call.rid,
+                   BLOCK_REQUEST_ID_HEADER: call.rid}
         if estimate is not None:
             headers[PREDICTED_TOKENS_HEADER] = str(estimate)
         excluded: set[str] = set()
-        retries = 0
         while True:
             try:
-                choice = (await self.decide(req, rid, excluded)).choice
-            except oa.ApiError as err:
-                self._record(rid, None, arrival, None, parsed, 0, "error", err.message, retries)
+                choice = (await self.decide(req, call.rid, excluded)).choice
+            except oa.ApiError:
+                if call.failures:
+                    raise self._gave_up(call) from None
                 raise
             inst = self.registry[choice]
+            call.instance = choice
             self.registry.dispatched(choice, req)
             try:
-                resp = await self.client.post(inst.url + path, data=body, headers=headers)
-                if resp.status >= 500:
-                    detail = (await resp.read())[:300].decode("utf-8", "replace")
-                    resp.release()
-                    raise _BrokenBeforeFirstToken(f"HTTP {resp.status}: {detail}")
-                chunks = resp.content.iter_any()
-                first = await self._first_chunk(resp, chunks, parsed.stream)
-            except (aiohttp.ClientError, TimeoutError, _BrokenBeforeFirstToken) as exc:
-                inst.failures += 1
-                self.registry.mark_down(inst, f"failed before the first token: {exc!r}")
+                resp, first = await self._attempt(inst, path, body, headers, parsed.stream)
+            except _Failed as exc:
+                self._attempt_failed(call, inst, exc)
+                if not exc.retry or call.retries >= self.max_retries:
+                    raise self._gave_up(call) from None
                 excluded.add(choice)
-                retries += 1
+                call.retries += 1
                 self.retries_total += 1
                 continue
-            if resp.status != 200:  # a 4xx from the engine: the client's problem, pass it on
-                resp.release()
-                self.errors_total += 1
-                self._record(rid, choice, arrival, None, parsed, 0, "error", first[:300].decode(), retries)
-                return Response(first, status_code=resp.status, media_type="application/json")
-            return self._stream_back(resp, chunks, first, rid, choice, arrival, parsed, retries)
+            self.registry.succeeded(inst)
+            return self._respond(call, inst, resp, first)
 
-    async def _first_chunk(self, resp: aiohttp.ClientResponse, chunks: AsyncIterator[bytes],
-                           stream: bool) -> bytes:
-        """Read until the first token (streaming) or the whole body, so a failure can still be retried."""
-        if not stream or resp.status != 200:
-            try:
-                return await resp.read()
-            except aiohttp.ClientError as exc:
-                resp.release()
-                raise _BrokenBeforeFirstToken(str(exc)) from exc
-        buf = b""
+    async def _attempt(self, inst: Instance, path: str, body: bytes, headers: dict[str, str],
+                       stream: bool) -> tuple[aiohttp.ClientResponse, bytes]:
+        """Send the request to one instance and read its first event (streaming) or its whole answer;
+        raise _Failed naming what went wrong, with the connection closed."""
+        assert self.client is not None
+        t = self.timeouts
+        limit = t.first_byte if stream else t.response
+        deadline = asyncio.timeout(limit)
+        resp: aiohttp.ClientResponse | None = None
         try:
-            async for data in chunks:
-                buf += data
-                if b"\n\n" in buf:
-                    return buf
+            async with deadline:
+                resp = await self.client.post(inst.url + path, data=body, headers=headers,
+                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect))
+                if resp.status >= 500:
+                    detail = (await resp.read())[:300].decode("utf-8", "replace")
+                    raise _Failed("http_5xx", f"HTTP {resp.status} before the first token: {detail}",
+                                  gateway=resp.status in (502, 503, 504))
+                return resp, await self._first_chunk(resp, stream)
+        except _Failed:
+            if resp is not None:
+                resp.close()
+            raise
+        except aiohttp.ConnectionTimeoutError:
+            raise _Failed("connect_timeout", f"connect timeout: no connection to {inst.url} within {t.connect:g} s"
+                          ) from None
+        except TimeoutError as exc:
+            if resp is not None:
+                resp.close()
+            if not deadline.expired():
+                raise _Failed("connection", f"connection to {inst.url} failed: {exc!r}") from None
+            if stream:
+                raise _Failed("first_byte_timeout", f"first byte timeout: no token within {limit:g} s") from None
+            raise _Failed("response_timeout", f"response timeout: no answer within {limit:g} s", retry=False
+                          ) from None
         except aiohttp.ClientError as exc:
-            resp.release()
-            raise _BrokenBeforeFirstToken(str(exc)) from exc
-        resp.release()
-        if b"data:" not in buf:
-            raise _BrokenBeforeFirstToken("upstream closed without a token")
+            if resp is not None:
+                resp.close()
+            raise _Failed("connection", f"connection to {inst.url} failed: {exc!r}") from None
+
+    @staticmethod
+    async def _first_chunk(resp: aiohttp.ClientResponse, stream: bool) -> bytes:
+        """The whole body (non-streaming, or an error status), or the stream up to its first event.
+
+        A stream whose first event is an error produced no token, so it is a failure to retry elsewhere."""
+        if not stream or resp.status != 200:
+            return await resp.read()
+        buf = b""
+        async for data in resp.content.iter_any():
+            buf += data
+            if b"\n\n" in buf:
+                break
+        if b"\n\n" not in buf:
+            raise _Failed("no_token", "upstream closed the stream before its first event")
+        if buf.startswith(ERROR_EVENT):
+            raise _Failed("upstream_error", f"error before the first token: {error_message(buf)}", gateway=False)
         return buf
 
-    def _stream_back(self, resp: aiohttp.ClientResponse, chunks: AsyncIterator[bytes], first: bytes, rid: str,
-                     choice: str, arrival: float, parsed: oa.CompletionRequest, retries: int) -> Response:
-        first_ts = time.time()
+    def _attempt_failed(self, call: _Call, inst: Instance, exc: _Failed) -> None:
+        kind = exc.kind.removesuffix("_timeout")
+        if kind in self.timeouts_total:
+            self.timeouts_total[kind] += 1
+        call.failures.append(f"{inst.name}: {exc}")
+        call.timed_out = exc.kind.endswith("_timeout")
+        self.registry.mark_down(inst, f"failed before the first token: {exc}")
+        self.registry.failed(inst, str(exc), gateway=exc.gateway)
+
+    def _gave_up(self, call: _Call) -> oa.ApiError:
+        call.gave_up = True
+        return oa.ApiError(504 if call.timed_out else 502, f"no instance answered before the first token "
+                                                      f"({len(call.failures)} tried): {'; '.join(call.failures)}")
+
+    def _respond(self, call: _Call, inst: Instance, resp: aiohttp.ClientResponse, first: bytes) -> Response:
+        call.first_ts = time.time()
+        parsed = call.parsed
+        assert parsed is not None
+        headers = {INSTANCE_HEADER: inst.name, BLOCK_REQUEST_ID_HEADER: call.rid}
+        if resp.status != 200:  # a 4xx from the engine: the client's problem, pass it on
+            resp.release()
+            self.errors_total += 1
+            self._record(call, "error", first[:300].decode("utf-8", "replace"))
+            return Response(first, status_code=resp.status, media_type="application/json", headers=headers)
         if not parsed.stream:
             resp.release()
             try:
-                tokens = orjson.loads(first).get("usage", {}).get("completion_tokens", 0)
-            except orjson.JSONDecodeError:
+                tokens = int(orjson.loads(first).get("usage", {}).get("completion_tokens", 0))
+            except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
                 tokens = 0
-            self._record(rid, choice, arrival, first_ts, parsed, tokens, "ok", "", retries)
-            return Response(first, media_type="application/json", headers={INSTANCE_HEADER: choice})
-        events = [first.count(b"data: {")]
-
-        def count(data: bytes) -> None:
-            events[0] += data.count(b"data: {")
+            self._record(call, "ok", "", tokens)
+            return Response(first, media_type="application/json", headers=headers)
+        counter = TokenCounter()
+        counter.feed(first)
 
         def end(status: str, error: str) -> None:
-            if status == "error":
-                self.errors_total += 1
+            if status == "cancelled" and self.stopping:
+                status, error = "error", "scheduler shut down mid-stream"
             elif status == "cancelled":
                 self.cancelled_total += 1
-            self._record(rid, choice, arrival, first_ts, parsed, max(0, events[0] - 1), status, error, retries)
+            if status == "error":
+                self.errors_total += 1
+            if relay.failure == "idle_timeout":
+                self.timeouts_total["idle"] += 1
+            if relay.failure is not None:
+                self.registry.failed(inst, error, gateway=relay.failure != "upstream_error")
+            self._record(call, status, error, counter.total)
 
-        return StreamingResponse(relay(resp, chunks, first=first, on_chunk=count, on_end=end,
-                                       upstream=f"instance {choice}"),
-                                 media_type="text/event-stream", headers={INSTANCE_HEADER: choice})
+        relay = Relay(resp, resp.content.iter_any(), first=first, on_chunk=counter.feed, on_end=end,
+                      upstream=f"instance {inst.name}", idle_timeout=self.timeouts.idle)
+        call.streaming = True
+        return RelayResponse(relay, headers)
 
     # ---- events and telemetry -------------------------------------------------------------------
-    def _record(self, rid: str, instance: str | None, arrival: float, first_ts: float | None,
-                parsed: oa.CompletionRequest, tokens: int, status: str, error: str, retries: int) -> None:
+    def _release(self, call: _Call) -> None:
+        if call.admitted and not call.released:
+            call.released = True
+            self.inflight -= 1
+
+    def _record(self, call: _Call, status: str, error: str, tokens: int = 0, *, attempts: bool = True) -> None:
+        """The request's one row; ``attempts`` appends the failed attempts that were retried."""
+        if call.recorded:
+            return
+        call.recorded = True
+        self._release(call)
+        if attempts and call.failures:
+            retried = "retried after " + "; ".join(call.failures)
+            error = f"{error} ({retried})" if error else retried
         finish = time.time()
+        first_ts = call.first_ts
         self.sink.emit(RequestRow(
-            request_id=rid, source="scheduler", instance=instance, policy=self.policy.name, arrival_ts=arrival,
-            first_token_ts=first_ts, finish_ts=finish, prompt_tokens=parsed.prompt_tokens, output_tokens=tokens,
-            ttft=(first_ts - arrival) if first_ts else None, e2e=finish - arrival, status=status,
-            error=error[:500], retries=retries))
+            request_id=call.rid, client_request_id=call.client_rid, source="scheduler", instance=call.instance,
+            policy=self.policy.name, arrival_ts=call.arrival, first_token_ts=first_ts, finish_ts=finish,
+            prompt_tokens=call.parsed.prompt_tokens if call.parsed else 0, output_tokens=tokens,
+            ttft=(first_ts - call.arrival) if first_ts else None, e2e=finish - call.arrival, status=status,
+            error=error[:500], retries=call.retries))
+
+    async def drained(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until every admitted request has recorded its row."""
+        deadline = time.monotonic() + timeout
+        while self.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     def metrics_text(self) -> str:
         lines = [
             ("block:scheduler_requests_total", "counter", "Requests received.", "", self.requests_total),
             ("block:scheduler_errors_total", "counter", "Requests answered with an error.", "", self.errors_total),
             ("block:scheduler_retries_total", "counter", "Retries on another instance.", "", self.retries_total),
+            ("block:scheduler_rejected_total", "counter", "Requests refused with 429: over --max-inflight.", "",
+             self.rejected_total),
+            ("block:scheduler_inflight", "gauge", "Requests admitted and not finished.", "", self.inflight),
             ("block:scheduler_predict_calls_total", "counter", "Predictions requested from side-cars.", "",
              self.predict_calls_total),
-            ("block:scheduler_cancelled_total", "counter", "Client disconnects.", "", self.cancelled_total),
+            ("block:scheduler_cancelled_total", "counter",
+             "Client disconnects, streaming or not; each cancelled its upstream request.", "", self.cancelled_total),
             ("block:scheduler_decision_seconds", "histogram", "Routing decision latency.", "",
              self.decision_latency),
         ]
+        for kind in TIMEOUT_KINDS:
+            lines.append(("block:scheduler_upstream_timeouts_total", "counter",
+                          "Upstream requests that hit a timeout, by kind.", f'kind="{kind}"',
+                          self.timeouts_total[kind]))
         for kind in ("partial", "all"):
             lines.append(("block:scheduler_prediction_fallbacks_total", "counter",
                           "Decisions where some (partial) or every (all) asked predictor did not answer in time.",
                           f'kind="{kind}"', self.fallbacks[kind]))
+        now = time.monotonic()
         for inst in self.instances.values():
-            lines.append(("block:scheduler_instance_up", "gauge", "1 when routable.", f'instance="{inst.name}"',
-                          int(inst.status == "up")))
+            labels = f'instance="{inst.name}"'
+            lines.append(("block:scheduler_instance_up", "gauge", "1 when routable.", labels,
+                          int(inst.status == "up" and not inst.ejected(now))))
+            lines.append(("block:scheduler_instance_ejected", "gauge", "1 while ejected as an outlier.", labels,
+                          int(inst.ejected(now))))
+            lines.append(("block:scheduler_ejections_total", "counter", "Outlier ejections.", labels,
+                          inst.ejections_total))
         return render(lines)
 
     def check_admin(self, request: HttpRequest) -> None:
         if not self.admin_token:
-            raise oa.ApiError(403, "admin routes are disabled: start the scheduler with --admin-token")
+            raise oa.ApiError(403, f"admin routes are disabled: start the scheduler with {ADMIN_TOKEN_ENV} or "
+                                   f"{ADMIN_TOKEN_FILE_ENV} set")
         given = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, f"Bearer {self.admin_token}".encode()):
             raise oa.ApiError(401, "missing or wrong bearer token for /admin")
@@ -265,7 +504,7 @@ async def _json_object(request: HttpRequest) -> dict:
     except orjson.JSONDecodeError as exc:
         raise oa.ApiError(400, f"body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
-        raise oa.ApiError(400, "body must be a JSON object")
+        raise oa.ApiError(400, f"body must be a JSON object, got {type(body).__name__}")
     return body
 
 
@@ -323,8 +562,11 @@ def build_app(sched: Scheduler) -> Starlette:
     async def admin_policy(request: HttpRequest) -> Response:
         sched.check_admin(request)
         if request.method == "POST":
+            name = (await _json_object(request)).get("policy")
+            if not isinstance(name, str):
+                raise oa.ApiError(400, f"'policy' must be a string naming a policy, got {name!r}", "policy")
             try:
-                sched.set_policy(str((await _json_object(request)).get("policy")))
+                sched.set_policy(name)
             except ValueError as exc:
                 raise oa.ApiError(400, str(exc), "policy") from exc
         return JSONResponse({"policy": sched.policy.name})
@@ -332,15 +574,16 @@ def build_app(sched: Scheduler) -> Starlette:
     async def api_error(request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, oa.ApiError)
         sched.errors_total += 1
-        return Response(exc.body(), status_code=exc.status, media_type="application/json")
+        return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=exc.headers)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        sched.client = proxy_session()
+        sched.client = sched.session()
         await sched.sink.start()
         await registry.poll_all(sched.client)
         async with background(registry.poll_forever(sched.client)):
             yield
+        await sched.drained(2.0)  # requests cut by the shutdown record their rows before the last flush
         await sched.sink.stop()
         await sched.client.close()
 
@@ -358,9 +601,9 @@ def build_app(sched: Scheduler) -> Starlette:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
-    p = argparse.ArgumentParser(description="Block global scheduler (OpenAI-compatible)")
+    p = argparse.ArgumentParser(
+        description="Block global scheduler (OpenAI-compatible). The admin API needs a token from "
+                    f"{ADMIN_TOKEN_ENV} or {ADMIN_TOKEN_FILE_ENV}; off loopback a cluster token is required too.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--instance", action="append", default=[], metavar="NAME=SIDECAR_URL")
@@ -368,10 +611,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--served-model-name", action="append", default=None)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--predict-budget-ms", type=float, default=20.0)
-    p.add_argument("--admin-token", default=os.environ.get("BLOCK_ADMIN_TOKEN"))
     p.add_argument("--collector-url")
     p.add_argument("--run-id", default="live")
     p.add_argument("--length-model", help="length estimator file (block length train); used by block_star")
+    t = Timeouts()
+    p.add_argument("--connect-timeout", type=float, default=t.connect, help="seconds to connect to a side-car")
+    p.add_argument("--first-byte-timeout", type=float, default=t.first_byte,
+                   help="seconds a stream may wait for its first event (time to first token)")
+    p.add_argument("--idle-timeout", type=float, default=t.idle, help="seconds between two chunks of a stream")
+    p.add_argument("--response-timeout", type=float, default=t.response,
+                   help="seconds for a whole non-streaming answer")
+    p.add_argument("--max-retries", type=int, default=2, help="other instances tried after a pre-token failure")
+    p.add_argument("--max-inflight", type=int, default=1024, help="requests at once; beyond it 429 + Retry-After")
+    od = OutlierDetection()
+    p.add_argument("--eject-consecutive-5xx", type=int, default=od.consecutive_5xx,
+                   help="consecutive failures of any kind that eject an instance")
+    p.add_argument("--eject-consecutive-gateway", type=int, default=od.consecutive_gateway_failure,
+                   help="consecutive 502/503/504, connection errors or timeouts that eject an instance")
+    p.add_argument("--eject-base-s", type=float, default=od.base_ejection_s,
+                   help="ejection time, multiplied by the number of times the instance was ejected")
+    p.add_argument("--eject-max-s", type=float, default=od.max_ejection_s, help="longest ejection")
+    p.add_argument("--graceful-timeout", type=float, default=5.0,
+                   help="seconds open responses get after SIGTERM before they are cut and the rows flushed")
     args = p.parse_args(argv)
     instances = {}
     for item in args.instance:
@@ -379,15 +640,32 @@ def main(argv: list[str] | None = None) -> None:
         if not sep:
             p.error(f"--instance takes NAME=URL, got {item!r}")
         instances[name] = url
+    try:
+        admin_token = admin_token_from_env()
+        cluster_token = token_for(args.host, "scheduler")
+        timeouts = Timeouts(args.connect_timeout, args.first_byte_timeout, args.idle_timeout, args.response_timeout)
+        outliers = OutlierDetection(args.eject_consecutive_5xx, args.eject_consecutive_gateway, args.eject_base_s,
+                                    args.eject_max_s)
+    except ValueError as exc:
+        p.error(str(exc))
     estimator = None
     if args.length_model:
         from block.length.estimator import LengthEstimator
 
         estimator = LengthEstimator.load(args.length_model)  # loaded once, serves in-process
-    sched = Scheduler(instances, args.policy, args.served_model_name or ["Llama-2-7B"], args.max_model_len,
-                      predict_budget_s=args.predict_budget_ms / 1e3, admin_token=args.admin_token,
-                      sink=EventSink(args.collector_url, args.run_id), estimator=estimator)
-    uvicorn.run(build_app(sched), host=args.host, port=args.port, log_level="warning", access_log=False)
+    try:
+        sched = Scheduler(instances, args.policy, args.served_model_name or ["Llama-2-7B"], args.max_model_len,
+                          predict_budget_s=args.predict_budget_ms / 1e3, admin_token=admin_token,
+                          sink=EventSink(args.collector_url, args.run_id), estimator=estimator, timeouts=timeouts,
+                          outliers=outliers, max_inflight=args.max_inflight, max_retries=args.max_retries,
+                          cluster_token=cluster_token)
+    except ValueError as exc:
+        p.error(str(exc))
+
+    def stopping() -> None:
+        sched.stopping = True
+
+    run_server(build_app(sched), args.host, args.port, graceful_timeout_s=args.graceful_timeout, on_signal=stopping)
 
 
 if __name__ == "__main__":
