@@ -12,6 +12,11 @@ it got when it was made, so the collector ignores the copy. Rows are posted in b
 ``max_batch_bytes`` (4 MiB, half the collector's body limit), so a backlog built up while the collector
 was down is not refused whole as too large. With a cluster token configured (store.auth) every post
 carries it.
+
+With a ``journal`` folder, every row is also appended to a file as it is emitted (one unbuffered write,
+so it is in the kernel's hands before the request it describes is answered), and a service killed with
+SIGKILL loses nothing: when it starts again it sends what its journal still holds, and the collector
+ignores what it already has. Segments are deleted once the collector has answered for every row in them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 
 import httpx
 import orjson
@@ -58,9 +64,52 @@ def split_batch(rows: Batch, limit: int) -> tuple[Batch, Batch]:
     return head, rest
 
 
+class Journal:
+    """Numbered segment files of emitted rows: the current one takes new rows; a flush seals it, and the
+    sealed ones go once the collector has answered for them."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        found = sorted(int(p.stem) for p in self.folder.glob("*.jsonl") if p.stem.isdigit())
+        self.left: list[tuple[str, dict]] = []  # rows a previous process emitted and may not have sent
+        for n in found:
+            for line in self._path(n).read_bytes().splitlines():
+                try:
+                    table, data = orjson.loads(line)
+                except (orjson.JSONDecodeError, ValueError):
+                    log.warning("journal %s: skipping a torn line", self._path(n))
+                    continue
+                self.left.append((table, data))
+        self._current = (found[-1] + 1) if found else 0
+        self._fh = self._path(self._current).open("ab", buffering=0)
+
+    def _path(self, n: int) -> Path:
+        return self.folder / f"{n:08d}.jsonl"
+
+    def write(self, table: str, data: dict) -> None:
+        self._fh.write(orjson.dumps([table, data], option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+
+    def seal(self) -> int:
+        """Start a new segment; every row written so far is in segments up to the returned number."""
+        sealed = self._current
+        self._fh.close()
+        self._current += 1
+        self._fh = self._path(self._current).open("ab", buffering=0)
+        return sealed
+
+    def answered(self, upto: int) -> None:
+        for path in self.folder.glob("*.jsonl"):
+            if path.stem.isdigit() and int(path.stem) <= upto:
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
 class EventSink:
     def __init__(self, collector_url: str | None, run_id: str, *, interval: float = 0.25, max_buffer: int = 200_000,
-                 max_batch_bytes: int = MAX_BATCH_BYTES, timeout: float = 5.0):
+                 max_batch_bytes: int = MAX_BATCH_BYTES, timeout: float = 5.0, journal: str | Path | None = None):
         self.url = collector_url.rstrip("/") + "/events" if collector_url else None
         self.run_id = run_id
         self.interval = interval
@@ -75,6 +124,10 @@ class EventSink:
         self.dropped = 0
         self.rejected = 0
         self.sent = 0
+        self.journal = Journal(journal) if journal is not None and self.url is not None else None
+        if self.journal is not None:
+            for table, data in self.journal.left:
+                self._rows.setdefault(table, []).append(data)
 
     @property
     def enabled(self) -> bool:
@@ -89,6 +142,8 @@ class EventSink:
         data = row.to_dict()
         if not data["run_id"]:
             data["run_id"] = self.run_id
+        if self.journal is not None:
+            self.journal.write(row.TABLE, data)
         rows = self._rows.setdefault(row.TABLE, [])
         rows.append(data)
         if len(rows) > self.max_buffer:
@@ -99,12 +154,15 @@ class EventSink:
         """Post every buffered row, batch after batch. Rows not answered for (the collector unreachable, or
         this flush cancelled mid-post by stop()) go back to the front of the buffer: resending them is safe."""
         pending, self._rows = self._rows, {}
+        sealed = self.journal.seal() if self.journal is not None and any(pending.values()) else None
         try:
             while any(pending.values()):
                 batch, rest = split_batch(pending, self.max_batch_bytes)
                 if not await self._post(batch):
                     return
                 pending = rest
+            if sealed is not None and self.journal is not None:
+                self.journal.answered(sealed)
         finally:
             for table, rows in pending.items():
                 if rows:
@@ -148,3 +206,5 @@ class EventSink:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self.journal is not None:
+            self.journal.close()

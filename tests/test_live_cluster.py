@@ -79,6 +79,6 @@ def test_soak_every_request_once_in_duckdb(local):
     counts = reader.sql("SELECT source, count(*) AS n, count(DISTINCT request_id) AS d FROM requests "
                         "WHERE status = 'ok' GROUP BY source ORDER BY source")
     assert counts.to_dict("records") == [{"source": "client", "n": n, "d": n}, {"source": "scheduler", "n": n, "d": n}]
-    joined = reader.sql("SELECT count(*) AS n FROM requests c JOIN requests s USING (run_id, request_id) "
-                        "WHERE c.source = 'client' AND s.source = 'scheduler'")
+    joined = reader.sql("SELECT count(*) AS n FROM requests c JOIN requests s ON s.run_id = c.run_id "
+                        "AND s.client_request_id = c.request_id WHERE c.source = 'client' AND s.source = 'scheduler'")
     assert joined["n"][0] == n

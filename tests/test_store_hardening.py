@@ -389,3 +389,26 @@ def test_with_a_cluster_token_the_collector_answers_only_to_it(tmp_path, monkeyp
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_journalled_sink_killed_before_it_flushed_loses_nothing(tmp_path):
+    """Rows emitted by a process that dies before its next flush are in its journal; the next process with
+    that journal sends them, and the collector keeps one copy of each."""
+    store = Store(tmp_path / "ws.duckdb")
+    with serve(build_app(store)) as url:
+        dead = EventSink(url, "j", journal=tmp_path / "journal")
+        rows = [InstanceSampleRow(ts=float(i), instance="a", running=1, waiting=0, kv_usage=0.1, preemptions=0,
+                                  tracked=1) for i in range(5)]
+        for row in rows:
+            dead.emit(row)  # never flushed: as if SIGKILLed right after answering
+        again = EventSink(url, "j", journal=tmp_path / "journal")
+
+        async def restart():
+            await again.start()
+            again.emit(rows[0])  # a duplicate of a journalled row: still one copy
+            await again.stop()
+
+        asyncio.run(restart())
+        got = Reader(collector_url=url).sql("SELECT ts FROM instance_samples ORDER BY ts")
+        assert got["ts"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+        assert all(p.stat().st_size == 0 for p in (tmp_path / "journal").glob("*.jsonl"))  # answered: gone

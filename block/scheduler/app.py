@@ -613,6 +613,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--predict-budget-ms", type=float, default=20.0)
     p.add_argument("--collector-url")
     p.add_argument("--run-id", default="live")
+    p.add_argument("--journal", help="folder where request and decision rows are journalled before they are "
+                                     "sent, so a scheduler killed with SIGKILL loses none (sent on restart)")
     p.add_argument("--length-model", help="length estimator file (block length train); used by block_star")
     t = Timeouts()
     p.add_argument("--connect-timeout", type=float, default=t.connect, help="seconds to connect to a side-car")
@@ -656,9 +658,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sched = Scheduler(instances, args.policy, args.served_model_name or ["Llama-2-7B"], args.max_model_len,
                           predict_budget_s=args.predict_budget_ms / 1e3, admin_token=admin_token,
-                          sink=EventSink(args.collector_url, args.run_id), estimator=estimator, timeouts=timeouts,
-                          outliers=outliers, max_inflight=args.max_inflight, max_retries=args.max_retries,
-                          cluster_token=cluster_token)
+                          sink=EventSink(args.collector_url, args.run_id, journal=args.journal), estimator=estimator,
+                          timeouts=timeouts, outliers=outliers, max_inflight=args.max_inflight,
+                          max_retries=args.max_retries, cluster_token=cluster_token)
     except ValueError as exc:
         p.error(str(exc))
 
