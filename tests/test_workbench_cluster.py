@@ -115,6 +115,7 @@ def test_an_emulated_engine_and_its_sidecar_get_the_same_engine_settings(monkeyp
 
     monkeypatch.setattr(EngineSettings, "from_args", classmethod(recording))
     monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    monkeypatch.setattr(service, "run_server", lambda *a, **kw: None)
     emulator.main(engine)
     service.main(car)
     assert seen == [settings, settings]

@@ -163,7 +163,7 @@ def _live_workload(args: argparse.Namespace) -> list:
 
 def cmd_up(args: argparse.Namespace) -> int:
     cluster = LocalCluster(Path(args.workspace), instances=args.instances, policy=args.policy,
-                           engine=EngineSettings.from_args(args))
+                           engine=EngineSettings.from_args(args), restart=not args.no_restart)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -175,7 +175,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             autoscaler.start()
             print(f"autoscaling ({args.autoscale}): {args.min_instances}..{args.max_instances} instances, "
                   f"TTFT SLO {args.slo_ttft}s; decisions go to the provisioning table")
-        print(f"scheduler  {cluster.scheduler_url}  (OpenAI API; admin token {cluster.admin_token})")
+        print(f"scheduler  {cluster.scheduler_url}  (OpenAI API; admin token in {cluster.admin_token_file})")
         print(f"collector  {cluster.collector_url}  (DuckDB {Path(args.workspace) / 'block.duckdb'})")
         for name, url in cluster.urls().items():
             if name not in ("scheduler", "collector"):
@@ -358,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-instances", type=int, default=8)
     p.add_argument("--slo-ttft", type=float, default=3.0, help="TTFT SLO in emulated-GPU seconds")
     p.add_argument("--cold-start", type=float, default=60.0, help="emulated seconds for a new instance")
+    p.add_argument("--no-restart", action="store_true",
+                   help="leave a crashed service down (default: restart it with back-off, recorded in service_events)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("bench", help="open-loop load against an OpenAI-compatible URL")

@@ -81,11 +81,14 @@ async def _one(client: aiohttp.ClientSession, url: str, model: str, req: Request
                 rec.finish_ts = time.time()
                 return
             buf = b""
+            done = False
             async for data in resp.content.iter_any():
                 buf += data
                 while b"\n\n" in buf:
                     event, buf = buf.split(b"\n\n", 1)
-                    if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                    if event == b"data: [DONE]":
+                        done = True
+                    if not event.startswith(b"data: ") or done:
                         continue
                     obj = orjson.loads(event[6:])
                     if "error" in obj:
@@ -107,8 +110,8 @@ async def _one(client: aiohttp.ClientSession, url: str, model: str, req: Request
         rec.finish_ts = time.time()
         if counted is not None:
             rec.output_tokens = counted
-        if rec.status == "pending":
-            rec.status = "ok"
+        if rec.status == "pending":  # a stream that stops without [DONE] was cut, however cleanly it closed
+            rec.status, rec.error = ("ok", "") if done else ("error", "stream ended without [DONE]")
     except (aiohttp.ClientError, TimeoutError) as exc:
         rec.status, rec.error, rec.finish_ts = "error", f"{type(exc).__name__}: {exc}", time.time()
 

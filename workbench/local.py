@@ -1,53 +1,57 @@
 """A local emulated cluster with a blocking API, for the CLI, the live autoscaler, benchmarks and tests.
 
-It is the one driver, ``workbench.cluster.Cluster`` on ``ClusterSpec.local``; each of the driver's
-coroutine methods (``stop``, ``set_policy``, ``add_instance``, ``drain_instance``, ``remove_instance``,
-``kill``, ``status``...) is run to completion on a fresh event loop in a worker thread. A local cluster
-holds no connection between calls, so that is safe, and callers may block on it from any thread, even
-from inside their own ``asyncio.run``. Service logs and the DuckDB file are in ``workspace``.
-"""
+The one driver, ``workbench.cluster.Cluster`` on ``ClusterSpec.local``, on its own event loop in a daemon
+thread, where its supervisor runs between calls; each coroutine method (``add_instance``, ``kill``,
+``status``...) runs there to completion, so callers may block on it from any other thread, even inside
+their own ``asyncio.run``. Service logs and the DuckDB file are in ``workspace``."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 import uuid
 from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from block.engines.settings import EngineSettings
 from workbench.cluster import Cluster, ClusterSpec
 
-T = TypeVar("T")
-
-
-def blocking(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to completion on a fresh event loop in a worker thread, wherever it is called from."""
-    with ThreadPoolExecutor(1, thread_name_prefix="cluster-driver") as pool:
-        return pool.submit(asyncio.run, coro).result()
-
 
 class LocalCluster:
-    """The driver's attributes (URLs, ``reader()``, ``instance_names()``, ``sidecar_url()``, ``pids()``...),
-    its coroutine methods made blocking; ``with LocalCluster(...) as c`` starts and stops it."""
+    """The driver's attributes, its coroutine methods made blocking; ``with LocalCluster(...)`` starts, stops."""
 
     def __init__(self, workspace: str | Path, instances: int = 4, policy: str = "block",
-                 engine: EngineSettings | None = None, ready_timeout: float = 90.0):
+                 engine: EngineSettings | None = None, ready_timeout: float = 90.0, restart: bool = True):
         self.workspace = Path(workspace)
         spec = ClusterSpec.local(instances, engine, policy, self.workspace)
-        self.driver = Cluster(spec, run_id=uuid.uuid4().hex[:8], ready_timeout=ready_timeout)
+        self.driver = Cluster(spec, run_id=uuid.uuid4().hex[:8], ready_timeout=ready_timeout, restart=restart)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cluster-driver", daemon=True)
+        self._thread.start()
+
+    def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.driver, name)
-        return (lambda *a, **kw: blocking(attr(*a, **kw))) if inspect.iscoroutinefunction(attr) else attr
+        return (lambda *a, **kw: self._run(attr(*a, **kw))) if inspect.iscoroutinefunction(attr) else attr
 
     def start(self) -> LocalCluster:
-        blocking(self.driver.start())
+        try:
+            self._run(self.driver.start())
+        except BaseException:
+            self.stop()
+            raise
         return self
 
-    __enter__ = start
+    def stop(self, *exc: object) -> None:
+        """Stop the cluster and end the driver's loop (``exc``: as ``__exit__``); stopping again does nothing."""
+        if self._thread.is_alive():
+            self._run(self.driver.stop())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
 
-    def __exit__(self, *exc: object) -> None:
-        blocking(self.driver.stop())
+    __enter__, __exit__ = start, stop

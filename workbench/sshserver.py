@@ -17,10 +17,13 @@ from workbench.cluster import HostSpec, free_port
 
 
 async def _run_command(process: asyncssh.SSHServerProcess) -> None:
-    """Run the requested command in a shell, as sshd would, and return its output and exit status."""
-    local = await asyncio.create_subprocess_shell(process.command or "true", stdin=asyncio.subprocess.DEVNULL,
+    """Run the requested command in a shell, as sshd would, with the client's stdin (a secret is sent there,
+    never on a command line), and return its output and exit status. stdin is read to its end first: a
+    client sends its input and EOF (``Host.run`` sends EOF at once when it has no input)."""
+    data = await process.stdin.read()
+    local = await asyncio.create_subprocess_shell(process.command or "true", stdin=asyncio.subprocess.PIPE,
                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await local.communicate()
+    out, err = await local.communicate(data.encode())
     process.stdout.write(out.decode(errors="replace"))
     process.stderr.write(err.decode(errors="replace"))
     process.exit(local.returncode or 0)
