@@ -23,12 +23,15 @@ Param = str | int | float | bool | None
 
 
 class Reader:
-    def __init__(self, collector_url: str | None = None, db_path: str | Path | None = None):
+    def __init__(self, collector_url: str | None = None, db_path: str | Path | None = None, *,
+                 token: str | None = None):
+        """``token``: the cluster token to send (default: the one this process's environment configures)."""
         if collector_url is None and db_path is None:
             raise ValueError("a Reader needs a collector URL (live) or a DuckDB path (finished workspace)")
         self.collector_url = collector_url.rstrip("/") if collector_url else None
         self.db_path = Path(db_path) if db_path else None
-        token = cluster_token() if collector_url else None
+        if token is None and collector_url:
+            token = cluster_token()
         self._headers = {"authorization": f"Bearer {token}"} if token else {}
 
     def sql(self, query: str, params: Sequence[Param] | None = None) -> pd.DataFrame:

@@ -62,6 +62,7 @@ A cluster file (TOML):
     host = "gpu-a"
     port = 8000
     policy = "block"
+    flags = ["--first-byte-timeout", "120"]  # any further scheduler flags (timeouts, retries, in-flight cap)
 
     [collector]
     host = "gpu-a"
@@ -225,6 +226,7 @@ class ServiceSpec:
     port: int
     policy: str = "block"
     db: str = "block.duckdb"
+    flags: list[str] = field(default_factory=list)  # the service's own further flags (scheduler timeouts, ...)
 
 
 @dataclass
@@ -331,6 +333,8 @@ def parse_cluster(data: dict, where: str = "cluster") -> ClusterSpec:
     for what, svc in (("scheduler", spec.scheduler), ("collector", spec.collector)):
         if svc.host not in hosts:
             raise ValueError(f"{where}: {what} is on unknown host {svc.host!r}; hosts: {sorted(hosts)}")
+        if not (isinstance(svc.flags, list) and all(isinstance(f, str) for f in svc.flags)):
+            raise ValueError(f"{where}: {what}: flags must be a list of strings")
     _check_ports(spec, where)
     return spec
 
@@ -649,7 +653,7 @@ class Cluster:
         return [svc.pid for svc in self.started.values()]
 
     def reader(self) -> Reader:
-        return Reader(collector_url=self.collector_url)
+        return Reader(collector_url=self.collector_url, token=self.cluster_token)
 
     def _auth(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.cluster_token}"} if self.cluster_token else {}
@@ -703,7 +707,7 @@ class Cluster:
         are journalled in the workdir, so a restart after a crash sends those the crash left unsent."""
         s = self.spec.scheduler
         args = ["--policy", s.policy, "--collector-url", self.collector_url, "--run-id", self.run_id,
-                "--journal", "journal/scheduler"]
+                "--journal", "journal/scheduler", *s.flags]
         for m in sorted({i.served for i in self.spec.instances}):
             args += ["--served-model-name", m]
         for inst in self.spec.instances:
@@ -730,7 +734,7 @@ class Cluster:
             await asyncio.gather(*(h.connect() for h in self.hosts.values()))
             admin_token_file = await self._write_secrets()
             c = self.spec.collector
-            services = [await self._start("collector", c.host, c.port, "store.collector", ["--db", c.db])]
+            services = [await self._start("collector", c.host, c.port, "store.collector", ["--db", c.db, *c.flags])]
             for inst in self.spec.instances:
                 services += await self._start_instance(inst)
             await self._wait_ready(services)
