@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,9 +21,10 @@ import numpy as np
 import pandas as pd
 
 from block.length.data import load_alpaca
-from block.policies import Candidate, Policy, make_policy
+from block.policies import PREFIX_SOURCES, Candidate, Policy, make_policy
 from block.predictor.calibration import build_predictor
 from block.predictor.core import Prediction, Predictor
+from block.prefix_index import ApproximatePrefixIndex, ExactPrefixView, prompt_hashes
 from block.protocol import LoadSignals
 from block.provisioner import InstanceView, Observation, Provisioner, ProvisionerConfig
 from block.routing import Router, RoutingDecision
@@ -94,7 +96,7 @@ _WARMUP_CACHE: dict[tuple, list[StepSample]] = {}
 def warmup_samples(spec: ClusterSpec, noise: float, trace: Trace, seed: int = 0) -> list[StepSample]:
     """Step times measured from a warm-up run of one world engine, as a deployment would collect them
     from its first minutes of engine metrics; the predictor's timing model is fitted on these."""
-    key = (spec, noise, seed, len(trace))
+    key = (spec, noise, seed, trace.source, len(trace))
     if key in _WARMUP_CACHE:
         return _WARMUP_CACHE[key]
     eng = Engine(spec.engine_config(), spec.world_timing(), noise=noise, seed=seed + 777, fast_path=False)
@@ -133,52 +135,83 @@ def counterfactual(engine: Engine, request: Request, now: float, horizon: float)
     return first - now, finish - now
 
 
+@dataclass
+class PolledInstance:
+    """What the router knows of one instance: its last polled state (with a view of its prefix cache, as
+    KV events would mirror it) and the requests it dispatched there since."""
+
+    polled: float
+    state: InstanceState
+    cache: ExactPrefixView
+    pending: list[Request] = field(default_factory=list)
+
+
 class SimRouter:
     """The simulator's router callback: the shared ``Router`` over stale instance states.
 
     Each instance's state is refreshed every ``state_interval`` seconds; requests dispatched since are
-    known only to this router (the same ``extra`` a live scheduler passes). With ``audit_every`` = k,
-    every k-th decision is audited after it is made: every candidate's honest prediction next to its
-    counterfactual outcome, so rank accuracy of the choice can be measured.
+    known only to this router (the same ``extra`` a live scheduler passes). Cache-aware policies get each
+    candidate's prefix match from the source they declare: the polled state's cache (exact) or this
+    router's own index of the prompts it sent (approximate). With ``audit_every`` = k, every k-th decision
+    is audited after it is made: every candidate's honest prediction next to its counterfactual outcome, so
+    rank accuracy of the choice can be measured.
     """
 
     def __init__(self, policy: Policy, predictor: Predictor, state_interval: float, audit_every: int = 0):
+        if policy.prefix_source not in (None, *PREFIX_SOURCES):
+            raise ValueError(f"policy {policy.name!r}: unknown prefix source {policy.prefix_source!r}; "
+                             f"choose one of {PREFIX_SOURCES}")
         self.router = Router(policy)
         self.predictor = predictor
         self.state_interval = state_interval
         self.audit_every = audit_every
-        self._views: dict[str, tuple[float, InstanceState, list[Request]]] = {}
+        self.index = ApproximatePrefixIndex()
+        self._views: dict[str, PolledInstance] = {}
         self.decisions: list[RoutingDecision] = []
         self.audit: list[dict] = []
 
-    def _view(self, inst: Instance, now: float) -> tuple[float, InstanceState, list[Request]]:
+    def _view(self, inst: Instance, now: float) -> PolledInstance:
         view = self._views.get(inst.name)
-        if view is None or now - view[0] >= self.state_interval:
-            view = (now, inst.engine.snapshot(), [])
+        if view is None or now - view.polled >= self.state_interval:
+            state = inst.engine.snapshot()
+            view = PolledInstance(now, state, ExactPrefixView(state))
             self._views[inst.name] = view
         return view
 
-    def _predict(self, view: tuple[float, InstanceState, list[Request]], name: str, request: Request, target: str,
-                 now: float) -> Prediction:
-        _, state, pending = view
-        return self.predictor.predict(state, request, target=target, now=now, instance=name, extra=pending)
+    def _predict(self, view: PolledInstance, name: str, request: Request, target: str, now: float) -> Prediction:
+        return self.predictor.predict(view.state, request, target=target, now=now, instance=name, extra=view.pending)
+
+    def _candidate(self, name: str, view: PolledInstance, prompt: tuple[int, ...]) -> Candidate:
+        signals = LoadSignals.from_state(view.state, self.predictor.prior, view.pending, view.cache)
+        source = self.router.policy.prefix_source
+        if source == "exact":
+            matched, tree = view.cache.match(prompt), view.cache.size
+        elif source == "approximate":
+            matched, tree = self.index.match(name, prompt), self.index.size(name)
+        else:
+            return Candidate(name, signals, len(view.pending))
+        return Candidate(name, signals, len(view.pending), matched_blocks=matched, prompt_blocks=len(prompt),
+                         tree_blocks=tree, prefix_source=source)
 
     def __call__(self, request: Request, instances: Sequence[Instance], now: float) -> str:
         views = {inst.name: self._view(inst, now) for inst in instances}
-        candidates = [Candidate(name, LoadSignals.from_state(state, self.predictor.prior, pending), len(pending))
-                      for name, (_, state, pending) in views.items()]
+        block_size = instances[0].engine.config.block_size
+        prompt = prompt_hashes(request, block_size)
+        candidates = [self._candidate(name, view, prompt) for name, view in views.items()]
         decision = self.router.route(
             request, candidates, lambda c, req, target: self._predict(views[c.name], c.name, req, target, now),
             request_id=str(request.id), ts=now, predictor=self.predictor.label)
         self.decisions.append(decision)
         if self.audit_every and (len(self.decisions) - 1) % self.audit_every == 0:
             self._audit(request, instances, views, decision, now)
-        views[decision.choice][2].append(request)
+        chosen = views[decision.choice]
+        chosen.pending.append(request)
+        if self.router.policy.prefix_source == "approximate" and prompt:
+            self.index.record(decision.choice, prompt, chosen.state.config.num_blocks)
         return decision.choice
 
-    def _audit(self, request: Request, instances: Sequence[Instance],
-               views: dict[str, tuple[float, InstanceState, list[Request]]], decision: RoutingDecision,
-               now: float) -> None:
+    def _audit(self, request: Request, instances: Sequence[Instance], views: dict[str, PolledInstance],
+               decision: RoutingDecision, now: float) -> None:
         asked = {c.name: c.prediction("e2e") for c in decision.candidates}
         for inst in instances:
             pred = asked.get(inst.name) or self._predict(views[inst.name], inst.name, request, "e2e", now)
@@ -202,6 +235,45 @@ class RunResult:
     decisions: pd.DataFrame
     summary: dict
     audit: pd.DataFrame = field(default_factory=pd.DataFrame)  # SimRouter's audit rows, if asked for
+    gave_up: bool = False  # stopped early: certain to miss the ``give_up_ttft`` it was given at P99
+
+
+class _MissedSlo(Exception):
+    """Raised inside a run once its P99 TTFT is certain to exceed the bound it was given."""
+
+
+class _TtftGuard:
+    """A router wrapper that stops a run once more than 1% of its requests (plus one) have waited longer
+    than ``bound`` for a first token: its P99 TTFT is then above ``bound`` whatever comes next. Capacity
+    searches only need that verdict, and overloaded runs are the slowest to finish."""
+
+    def __init__(self, router: SimRouter, bound: float, requests: int):
+        self.router = router
+        self.bound = bound
+        self.allowed = requests // 100 + 1
+        self.cluster: Cluster | None = None
+        self._missed_finished = 0
+        self._seen_finished = 0
+        self._calls = 0
+
+    def __call__(self, request: Request, instances: Sequence[Instance], now: float) -> str:
+        self._calls += 1
+        if self.cluster is not None and self._calls % 16 == 0:
+            self._check(now)
+        return self.router(request, instances, now)
+
+    def _check(self, now: float) -> None:
+        assert self.cluster is not None
+        finished = self.cluster.result.finished
+        for _, s in finished[self._seen_finished:]:
+            self._missed_finished += s.first_token - s.arrival > self.bound
+        self._seen_finished = len(finished)
+        late = self._missed_finished
+        for inst in self.cluster.instances:
+            late += sum(now - s.arrival > self.bound for s in inst.engine.waiting if s.first_token is None)
+            late += sum(now - s.arrival > self.bound for s in inst.engine.running.values() if s.first_token is None)
+        if late > self.allowed:
+            raise _MissedSlo
 
 
 def run_policy(
@@ -217,8 +289,10 @@ def run_policy(
     length_estimator: Callable[[Sequence[Request]], list[int]] | None = None,
     progress: Callable[[int], None] | None = None,
     audit_every: int = 0,
+    give_up_ttft: float | None = None,
 ) -> RunResult:
-    """Simulate one policy on one workload and return per-request records and a summary."""
+    """Simulate one policy on one workload and return per-request records and a summary. With
+    ``give_up_ttft`` the run stops as soon as its P99 TTFT is certain to exceed it (``gave_up``)."""
     honesty = honesty or Honesty()
     policy = make_policy(policy_name, seed=seed, power_of_k=power_of_k, num_instances=spec.instances)
     reqs = list(requests)
@@ -236,11 +310,33 @@ def run_policy(
     router = SimRouter(policy, predictor, honesty.state_interval, audit_every)
     engines = [Engine(cfg, world, noise=honesty.noise, seed=seed * 1000 + i, name=f"instance-{i}")
                for i in range(spec.instances)]
-    result = Cluster(engines, router).run(reqs, progress=progress)
+    guard = _TtftGuard(router, give_up_ttft, len(reqs)) if give_up_ttft is not None else None
+    cluster = Cluster(engines, guard or router)
+    if guard is not None:
+        guard.cluster = cluster
+    try:
+        result = cluster.run(reqs, progress=progress)
+    except _MissedSlo:
+        return RunResult(records_frame(cluster.result.finished), router.decisions_frame(),
+                         {"completed": len(cluster.result.finished), "p99_ttft": math.inf}, gave_up=True)
     records = records_frame(result.finished)
     summary = summarize(records)
     summary["decision_ms_mean"] = router.decision_seconds / max(1, len(reqs)) * 1e3
+    queried = sum(e.prefix_query_tokens for e in engines)
+    summary["prefix_hit_rate"] = sum(e.prefix_hit_tokens for e in engines) / queried if queried else float("nan")
     return RunResult(records, router.decisions_frame(), summary, pd.DataFrame(router.audit))
+
+
+@dataclass
+class Scenario:
+    """A workload that is not Poisson arrivals over a length trace: shared prefixes, chat sessions, a timed
+    trace with its prefix hashes. ``build(qps, seed)`` makes the requests; ``prior`` and ``calibration``
+    are what the predictor may know, taken from traffic other than the requests it is judged on."""
+
+    name: str
+    build: Callable[[float, int], list[Request]]
+    prior: LengthPrior
+    calibration: Trace  # lengths for the warm-up run the predictor's timing is fitted on
 
 
 @dataclass
@@ -255,23 +351,30 @@ class Study:
     power_of_k: int | None = None
     length_estimator: Callable[[Sequence[Request]], list[int]] | None = None
     audit_every: int = 0  # audit every k-th routing decision against counterfactuals (0: none)
+    scenario: Scenario | None = None  # when given, it builds the workload and says what the predictor knows
 
     def __post_init__(self) -> None:
+        if self.scenario is not None:
+            self.lengths = self.scenario.name
+            self.trace, self.prior = self.scenario.calibration, self.scenario.prior
+            return
         self.trace, self.prior = lengths_source(self.lengths, 0)
         if self.lengths == "alpaca":  # carry the prompt texts, for length estimators
             with contextlib.suppress(FileNotFoundError):
                 self.trace.prompts = load_alpaca().prompts
 
     def workload(self, qps: float, seed: int) -> list[Request]:
+        if self.scenario is not None:
+            return self.scenario.build(qps, seed)
         if self.replay:
             return trace_workload(self.trace, self.requests, qps)
         return poisson_workload(self.trace, self.requests, qps, seed)
 
-    def run(self, policy: str, qps: float, seed: int) -> RunResult:
+    def run(self, policy: str, qps: float, seed: int, give_up_ttft: float | None = None) -> RunResult:
         return run_policy(self.spec, policy, self.workload(qps, seed), prior=self.prior,
                           calibration_trace=self.trace, honesty=self.honesty, seed=seed,
                           power_of_k=self.power_of_k, length_estimator=self.length_estimator,
-                          audit_every=self.audit_every)
+                          audit_every=self.audit_every, give_up_ttft=give_up_ttft)
 
 
 def compare(study: Study, policies: Sequence[str], qps_values: Sequence[float], seeds: Sequence[int],

@@ -5,6 +5,11 @@ A policy sees candidates, never engines. It says which candidates it wants predi
 caller (``block.routing.Router``, driven by the offline simulator or the live scheduler) resolves those
 predictions, then the policy ``choose``s. Load signals already count requests dispatched to a candidate
 but not yet visible in its state.
+
+Cache-aware policies say which prefix knowledge they read (``prefix_source``): ``exact`` (the instance's
+cache as KV events show it) or ``approximate`` (the router's own index of what it sent where); the caller
+fills each candidate's matched blocks from that source (block.prefix_index). The peers' rules and default
+parameters are the published ones; each docstring names its source.
 """
 
 from __future__ import annotations
@@ -18,25 +23,38 @@ from block.predictor.core import Prediction
 from block.protocol import LoadSignals
 from simulator.workload import Request
 
+PREFIX_SOURCES = ("exact", "approximate")
+
 
 @dataclass
 class Candidate:
-    """An instance as a policy sees it: load signals, plus the predictions the caller resolved for it."""
+    """An instance as a policy sees it: load signals, the request's prefix match here (from the policy's
+    ``prefix_source``), plus the predictions the caller resolved for it."""
 
     name: str
     signals: LoadSignals
     dispatched: int = 0  # sent here but not yet visible in the instance's state
     predictions: dict[str, Prediction | None] = field(default_factory=dict)
+    matched_blocks: int = 0  # leading full prompt blocks of the request cached here
+    prompt_blocks: int = 0  # full blocks of the request's prompt
+    tree_blocks: int = 0  # blocks the source knows cached here (SGLang's tree size)
+    prefix_source: str = ""  # exact | approximate | "" (not asked)
 
     def prediction(self, target: str) -> Prediction | None:
         """What-if latency here; None when the predictor was not asked or missed its time budget."""
         return self.predictions.get(target)
+
+    @property
+    def prefix_ratio(self) -> float:
+        """Matched over total prompt blocks: llm-d's prefix score, SGLang's and AIBrix's match ratio."""
+        return self.matched_blocks / self.prompt_blocks if self.prompt_blocks else 0.0
 
 
 class Policy:
     name = "policy"
     prediction_target: str | None = None  # the prediction this policy reads; None: load signals only
     uses_length_estimates = False  # whether predictions may see the length estimator's guess
+    prefix_source: str | None = None  # the prefix knowledge it reads: exact, approximate or none
 
     def shortlist(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
         """The candidates the policy will choose among, and the only ones a caller asks to predict."""
@@ -46,14 +64,27 @@ class Policy:
         raise NotImplementedError
 
 
-def _argmin(candidates: Sequence[Candidate], key: Callable[[Candidate], float]) -> str:
+def _lowest(candidates: Sequence[Candidate], key: Callable[[Candidate], float]) -> Candidate:
     """Lowest key; ties go to the earliest candidate, which callers list in a stable order."""
     best, best_v = candidates[0], key(candidates[0])
     for c in candidates[1:]:
         v = key(c)
         if v < best_v:
             best, best_v = c, v
-    return best.name
+    return best
+
+
+def _argmin(candidates: Sequence[Candidate], key: Callable[[Candidate], float]) -> str:
+    return _lowest(candidates, key).name
+
+
+def _load(c: Candidate) -> int:
+    """Requests at the instance, running + waiting + dispatched-not-yet-visible: a router's own count."""
+    return c.signals.running + c.signals.waiting
+
+
+def _kv_usage(s: LoadSignals) -> float:
+    return 1.0 - s.free_blocks / s.total_blocks if s.total_blocks else 0.0
 
 
 class RoundRobin(Policy):
@@ -146,6 +177,163 @@ class Block(Policy):
         return best.name
 
 
+# ---- the peers: cache-aware routers with their published rules and defaults -------------------------
+class LlmdBlend(Policy):
+    """llm-d's legacy default: the highest 2·queue + 2·kv-cache + 3·prefix score.
+
+    Source: llm-d-inference-scheduler ``config/charts/epplib/templates/_config.yaml`` (weights 2-2-3, GIE PR
+    #1827); scorers per GIE: queue = (maxQ − q)/(maxQ − minQ) over the candidates (1 when all equal) on the
+    waiting queue, kv-cache = 1 − KV usage, prefix = matched / total prompt blocks from the approximate index;
+    max-score picker (ties: the first candidate).
+    """
+
+    name = "llmd_blend"
+    prefix_source = "approximate"
+    weights = (2.0, 2.0, 3.0)  # queue, kv-cache, prefix
+
+    def choose(self, request: Request, candidates: Sequence[Candidate]) -> str:
+        low = min(c.signals.waiting for c in candidates)
+        high = max(c.signals.waiting for c in candidates)
+        wq, wkv, wp = self.weights
+
+        def minus_score(c: Candidate) -> float:
+            queue = 1.0 if high == low else (high - c.signals.waiting) / (high - low)
+            return -(wq * queue + wkv * (1.0 - _kv_usage(c.signals)) + wp * c.prefix_ratio)
+
+        return _argmin(candidates, minus_score)
+
+
+class LlmdSticky(Policy):
+    """llm-d's current default, "sticky until saturated": prefix affinity until it costs too much TTFT.
+
+    Source: llm-d-router ``scheduling/filter/prefixcacheaffinity/README.md`` and the sticky blog (peers.md
+    §1): keep candidates with prefix score >= 0.8; drop that filter when the best warm one's estimated TTFT
+    exceeds the best cold one's by more than 18 s, estTTFT = in-flight uncached prompt tokens / 15,928 tok/s
+    (``peakPrefillThroughput`` default); then token-load lookahead: the least in-flight uncached prompt
+    tokens plus this prompt's uncached tokens, prompt·(1 − prefix score) (``inflightload/README.md``).
+    """
+
+    name = "llmd_sticky"
+    prefix_source = "approximate"
+    affinity = 0.8
+    max_gap_s = 18.0
+    peak_prefill_tokens_per_s = 15_928.0
+
+    def choose(self, request: Request, candidates: Sequence[Candidate]) -> str:
+        warm = [c for c in candidates if c.prefix_ratio >= self.affinity]
+        cold = [c for c in candidates if c.prefix_ratio < self.affinity]
+        pool: Sequence[Candidate] = warm or candidates
+        if warm and cold:
+            gap = (min(c.signals.prefill_tokens for c in warm)
+                   - min(c.signals.prefill_tokens for c in cold)) / self.peak_prefill_tokens_per_s
+            if gap > self.max_gap_s:
+                pool = candidates
+        return _argmin(pool, lambda c: c.signals.prefill_tokens + request.prompt_tokens * (1.0 - c.prefix_ratio))
+
+
+class DynamoKv(Policy):
+    """Dynamo's KV router: the least s·max(P + prompt − overlap, 0) + D, in KV blocks.
+
+    Source: ai-dynamo ``docs/components/router/router-concepts.md`` (peers.md §3): P = prefill blocks still
+    to compute at the worker, prompt = the request's blocks, overlap = its blocks cached there as KV events
+    show (exact), D = active (decode) blocks; defaults s (``overlap_score_weight``) = 1, temperature 0
+    (deterministic argmin). ``dynamo_s16`` is one tuned s = 16, labelled tuned: Dynamo's simulated sweep
+    found s ≈ 16–32 best.
+    """
+
+    prefix_source = "exact"
+
+    def __init__(self, overlap_weight: float = 1.0, name: str = "dynamo"):
+        self.overlap_weight = overlap_weight
+        self.name = name
+
+    def choose(self, request: Request, candidates: Sequence[Candidate]) -> str:
+        def cost(c: Candidate) -> float:
+            prefill = max(c.signals.prefill_blocks + c.prompt_blocks - c.matched_blocks, 0)
+            return self.overlap_weight * prefill + c.signals.decode_blocks
+
+        return _argmin(candidates, cost)
+
+
+class SglangCacheAware(Policy):
+    """SGLang's router ``cache_aware``: balance when load is skewed, else follow the longest cached match.
+
+    Source: SGLang model gateway (SMG) routing docs, https://lightseek.org/smg/concepts/routing/cache-aware
+    (peers.md §7): if max − min load > 64 and max > 1.5·min → the least loaded; else if the best match
+    ratio > 0.3 → that worker; else the worker with the smallest tree. Load is the router's in-flight
+    request count; the tree is its approximate index.
+    """
+
+    name = "sglang"
+    prefix_source = "approximate"
+    balance_abs = 64
+    balance_rel = 1.5
+    cache_threshold = 0.3
+
+    def choose(self, request: Request, candidates: Sequence[Candidate]) -> str:
+        loads = [_load(c) for c in candidates]
+        if max(loads) - min(loads) > self.balance_abs and max(loads) > self.balance_rel * min(loads):
+            return _argmin(candidates, _load)
+        best = _lowest(candidates, lambda c: -c.prefix_ratio)
+        if best.prefix_ratio > self.cache_threshold:
+            return best.name
+        return _argmin(candidates, lambda c: c.tree_blocks)
+
+
+class AibrixPrefixCache(Policy):
+    """AIBrix's ``prefix-cache`` router: load imbalance first, then the best match among unloaded pods.
+
+    Source: AIBrix ``docs/source/features/gateway-plugins.rst`` (peers.md §7): if max − min running > 8
+    → the least running; else pods with a match sorted by (match % desc, running asc), the first with
+    running <= mean + std of running; else least-request. Matches from its approximate index.
+    """
+
+    name = "aibrix"
+    prefix_source = "approximate"
+    imbalance = 8
+
+    def choose(self, request: Request, candidates: Sequence[Candidate]) -> str:
+        running = [c.signals.running for c in candidates]
+        if max(running) - min(running) > self.imbalance:
+            return _argmin(candidates, lambda c: c.signals.running)
+        mean = sum(running) / len(running)
+        limit = mean + math.sqrt(sum((r - mean) ** 2 for r in running) / len(running))
+        matched = [c for c in candidates if c.matched_blocks]
+        for c in sorted(matched, key=lambda c: (-c.prefix_ratio, c.signals.running)):
+            if c.signals.running <= limit:
+                return c.name
+        return _argmin(candidates, _load)
+
+
+class Preble(Policy):
+    """Preble's E2 as AIBrix implements it: exploit a long match, else explore by cost.
+
+    Source: AIBrix ``pkg/plugins/gateway/algorithms/prefix_cache_preble.go`` (peers.md §7; Preble, arXiv
+    2407.00023): if the match ratio > 0.5 → among the instances with the longest match, the least loaded;
+    else the least prefill cost (miss rate × prefill time) + decode cost. Its defaults: prefill time from
+    its V100 linear model (0.271 ms per token, / 0.9), decode cost = 45 tokens × 0.15 s per request. AIBrix
+    sums these over a 3-minute window of routed requests; here over requests in flight (the state's
+    uncached prefill, and its request count), plus this request's own missed prefill.
+    """
+
+    name = "preble"
+    prefix_source = "approximate"
+    threshold = 0.5
+    prefill_s_per_token = 0.27106428e-3 / 0.9
+    decode_cost_s = 45 * 0.15
+
+    def choose(self, request: Request, candidates: Sequence[Candidate]) -> str:
+        longest = max(c.matched_blocks for c in candidates)
+        if max(c.prefix_ratio for c in candidates) > self.threshold:
+            return _argmin([c for c in candidates if c.matched_blocks == longest], _load)
+
+        def cost(c: Candidate) -> float:
+            missed = request.prompt_tokens * (1.0 - c.prefix_ratio)
+            return (c.signals.prefill_tokens + missed) * self.prefill_s_per_token + _load(c) * self.decode_cost_s
+
+        return _argmin(candidates, cost)
+
+
 class PowerOfK(Policy):
     """Shortlist k random candidates, then apply the inner policy: k predictions instead of N."""
 
@@ -157,6 +345,7 @@ class PowerOfK(Policy):
         self.name = f"{inner.name}@{k}"
         self.uses_length_estimates = inner.uses_length_estimates
         self.prediction_target = inner.prediction_target
+        self.prefix_source = inner.prefix_source
         self._rng = random.Random(seed)
 
     def shortlist(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
@@ -179,9 +368,18 @@ POLICIES: dict[str, Callable[[int], Policy]] = {
     "block": lambda seed: Block("e2e", False, "block"),
     "block_ttft": lambda seed: Block("ttft", False, "block_ttft"),
     "block_star": lambda seed: Block("e2e", True, "block_star"),
+    "llmd_blend": lambda seed: LlmdBlend(),
+    "llmd_sticky": lambda seed: LlmdSticky(),
+    "dynamo": lambda seed: DynamoKv(1.0, "dynamo"),
+    "dynamo_s16": lambda seed: DynamoKv(16.0, "dynamo_s16"),
+    "sglang": lambda seed: SglangCacheAware(),
+    "aibrix": lambda seed: AibrixPrefixCache(),
+    "preble": lambda seed: Preble(),
 }
 
 HEURISTICS = ("round_robin", "random", "least_requests", "least_tokens", "llumnix", "infaas")
+PEERS = ("llmd_blend", "llmd_sticky", "dynamo", "dynamo_s16", "sglang", "aibrix", "preble")
+TUNED = ("dynamo_s16",)  # a peer with a parameter tuned away from its published default
 
 
 def make_policy(name: str, *, seed: int = 0, power_of_k: int | None = None,

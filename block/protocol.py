@@ -8,11 +8,13 @@ KeyError deep inside a poll loop.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from block.predictor.core import TARGETS, Prediction
+from block.prefix_index import ExactPrefixView, prompt_hashes
 from simulator.engine import InstanceState
 from simulator.workload import LengthPrior, Request
 
@@ -58,49 +60,81 @@ def parse_predicted_tokens(header: str | None) -> int | None:
 
 @dataclass
 class LoadSignals:
-    """Live signals every heuristic needs; computed from an InstanceState plus not-yet-visible work."""
+    """Live signals every heuristic needs; computed from an InstanceState plus not-yet-visible work.
+
+    The prefix-cache fields default to 0 so that a side-car which does not send them still parses; they are
+    what the cache-aware peers read (llm-d's in-flight uncached tokens, Dynamo's prefill and active blocks,
+    SGLang's tree size).
+    """
 
     running: int
     waiting: int
-    free_blocks: int
+    free_blocks: int  # unreferenced cached blocks count as free, as in vLLM's KV usage
     total_blocks: int
     unfinished_tokens: int  # prefill still to compute + decode still expected (estimated lengths)
     queued_prefill_blocks: int  # KV blocks the waiting queue will claim when admitted
+    prefill_tokens: int = 0  # prompt tokens still to compute before their first token, cache hits excluded
+    prefill_blocks: int = 0  # the same per request in KV blocks (Dynamo's active prefill blocks)
+    decode_blocks: int = 0  # KV blocks held by running requests, a shared prefix block once (Dynamo's active)
+    cached_blocks: int = 0  # blocks in the instance's prefix cache, held or evictable
 
     @classmethod
-    def from_state(cls, state: InstanceState, prior: LengthPrior, pending: Sequence[Request] = ()) -> LoadSignals:
+    def from_state(cls, state: InstanceState, prior: LengthPrior, pending: Sequence[Request] = (),
+                   cache: ExactPrefixView | None = None) -> LoadSignals:
+        """Signals of a state; waiting and pending requests count only what their cache hits leave to
+        prefill (``cache``: a view of this state, built here when not given)."""
         bs = state.config.block_size
-        running = waiting = used = tokens = queued = 0
+        cache = cache if cache is not None else ExactPrefixView(state)
+        running = waiting = tokens = queued = prefill = prefill_blocks = 0
         for r in state.requests:
-            used += r.allocated_blocks
             left = prior.expected_remaining(r.generated_tokens, r.predicted_output_tokens)
-            tokens += r.prompt_tokens + r.generated_tokens - r.computed_tokens + left
+            todo = r.prompt_tokens + r.generated_tokens - r.computed_tokens
+            tokens += todo + left
             if r.phase == "running":
                 running += 1
             else:
                 waiting += 1
                 queued += -(-(r.prompt_tokens + r.generated_tokens) // bs)
-        base = cls(running, waiting, state.config.num_blocks - used, state.config.num_blocks, tokens, queued)
-        return base.plus(pending, prior, bs)
+                if r.block_hashes:
+                    cap = (r.prompt_tokens + r.generated_tokens - 1) // bs
+                    todo -= cache.match(r.block_hashes[:cap]) * bs
+            if r.first_token_time is None:
+                prefill += todo
+                prefill_blocks += -(-todo // bs)
+        used = state.used_blocks()
+        base = cls(running, waiting, state.config.num_blocks - used, state.config.num_blocks, tokens, queued,
+                   prefill, prefill_blocks, used, cache.size)
+        matched = [cache.match(prompt_hashes(r, bs)) for r in pending]
+        return base.plus(pending, prior, bs, matched)
 
     @classmethod
     def from_dict(cls, d: object, where: str = "signals") -> LoadSignals:
         if not isinstance(d, dict):
             raise ProtocolError(f"{where} must be an object, got {type(d).__name__}", where)
-        values = {f.name: _int(d, f.name, where, high=1 << 40) for f in fields(cls)}
-        return cls(**values)  # type: ignore[arg-type]
+        values = {f.name: _int(d, f.name, where, high=1 << 40, optional=f.default is not MISSING)
+                  for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if v is not None})  # type: ignore[arg-type]
 
-    def plus(self, pending: Sequence[Request], prior: LengthPrior, block_size: int = 16) -> LoadSignals:
-        """These signals with requests dispatched here that the instance does not show yet."""
+    def plus(self, pending: Sequence[Request], prior: LengthPrior, block_size: int = 16,
+             matched: Sequence[int] | None = None) -> LoadSignals:
+        """These signals with requests dispatched here that the instance does not show yet; ``matched``:
+        the leading prompt blocks each finds cached here (none assumed when not given)."""
         if not pending:
             return self
-        tokens = queued = 0
-        for r in pending:
+        tokens = queued = prefill = prefill_blocks = 0
+        for i, r in enumerate(pending):
             queued += -(-r.prompt_tokens // block_size)
             p = r.predicted_output_tokens
             tokens += r.prompt_tokens + (p if p is not None else prior.median)
-        return LoadSignals(self.running, self.waiting + len(pending), self.free_blocks, self.total_blocks,
-                           self.unfinished_tokens + tokens, self.queued_prefill_blocks + queued)
+            hits = min(matched[i], (r.prompt_tokens - 1) // block_size) if matched is not None else 0
+            todo = r.prompt_tokens - hits * block_size
+            prefill += todo
+            prefill_blocks += -(-todo // block_size)
+        return dataclasses.replace(self, waiting=self.waiting + len(pending),
+                                   unfinished_tokens=self.unfinished_tokens + tokens,
+                                   queued_prefill_blocks=self.queued_prefill_blocks + queued,
+                                   prefill_tokens=self.prefill_tokens + prefill,
+                                   prefill_blocks=self.prefill_blocks + prefill_blocks)
 
 
 @dataclass

@@ -92,9 +92,9 @@ class Cluster:
         self.instances = [Instance(e) for e in engines]
         if not self.instances and provisioner is None:
             raise ValueError("a cluster needs at least one engine")
-        names = [i.name for i in self.instances]
-        if len(set(names)) != len(names):
-            raise ValueError(f"instance names must be unique, got {names}")
+        self._by_name = {i.name: i for i in self.instances}
+        if len(self._by_name) != len(self.instances):
+            raise ValueError(f"instance names must be unique, got {[i.name for i in self.instances]}")
         self.router = router
         self.provisioner = provisioner
         self.engine_factory = engine_factory
@@ -106,18 +106,20 @@ class Cluster:
             raise ValueError("a provisioner needs an engine_factory to create instances")
 
     def by_name(self, name: str) -> Instance:
-        for inst in self.instances:
-            if inst.name == name:
-                return inst
-        raise KeyError(f"no instance {name!r}; instances: {[i.name for i in self.instances]}")
+        inst = self._by_name.get(name)
+        if inst is None:
+            raise KeyError(f"no instance {name!r}; instances: {[i.name for i in self.instances]}")
+        return inst
 
     def _advance_all(self, t: float) -> None:
+        finished = self.result.finished
         for inst in self.instances:
             eng = inst.engine
             if eng.running or eng.waiting:
                 eng.advance(t)
             if eng.finished:
-                self.result.finished.extend((inst.name, s) for s in eng.finished)
+                name = inst.name
+                finished.extend([(name, s) for s in eng.finished])
                 eng.finished.clear()
             if inst.draining and inst.stopped_at is None and not (eng.running or eng.waiting):
                 inst.stopped_at = max(t, eng.now) if t != math.inf else eng.now
@@ -135,6 +137,7 @@ class Cluster:
                 eng = self.engine_factory(f"instance-{len(self.instances)}")
                 eng.now = now + self.cold_start
                 self.instances.append(Instance(eng, started_at=now, ready_at=now + self.cold_start))
+                self._by_name[eng.name] = self.instances[-1]
                 self._event(now, "add", eng.name, action.reason)
             elif action.kind == "drain":
                 inst = self.by_name(action.instance or "")
@@ -147,6 +150,10 @@ class Cluster:
     def run(self, requests: Sequence[Request], progress: Callable[[int], None] | None = None) -> ClusterResult:
         """Route every request and run the cluster until all of them have finished."""
         arrivals = sorted(requests, key=lambda r: r.arrival)
+        # without a provisioner, instances ready by the first arrival are the candidates for every request
+        first = arrivals[0].arrival + self.dispatch_delay if arrivals else 0.0
+        static = self.provisioner is None and all(
+            i.is_ready(first) and not i.draining for i in self.instances)
         ticks: list[float] = []
         if self.provisioner is not None:
             heapq.heappush(ticks, arrivals[0].arrival if arrivals else 0.0)
@@ -158,7 +165,8 @@ class Cluster:
                 self._tick(tick)
                 heapq.heappush(ticks, tick + self.provisioner.period)
             self._advance_all(t)
-            candidates = [inst for inst in self.instances if inst.is_ready(t) and not inst.draining]
+            candidates = self.instances if static else [
+                inst for inst in self.instances if inst.is_ready(t) and not inst.draining]
             if not candidates:
                 raise RuntimeError(f"no ready instance at t={t:.3f}s for request {req.id}")
             target = self.by_name(self.router(req, candidates, t))
