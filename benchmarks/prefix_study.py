@@ -33,6 +33,7 @@ import argparse
 import functools
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -232,8 +233,13 @@ def main() -> None:
     policies = [*(QUICK_HEURISTICS if quick else HEURISTICS), *PEERS, *BLOCK_VARIANTS]
     jobs = [(s, p, seed, quick) for s in scenario_settings for p in policies for seed in seeds]
     jobs.sort(key=lambda j: j[1] not in BLOCK_VARIANTS)  # the longest first, for an even spread over workers
+    done = []
     with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
-        caps = pd.DataFrame(list(pool.map(_capacity, jobs)))
+        for row in pool.map(_capacity, jobs):
+            done.append(row)
+            print(f"[{len(done)}/{len(jobs)} {time.time() - t0:.0f} s] {row['scenario']} {row['policy']} seed "
+                  f"{row['seed']}: {row['capacity_qps']:.2f} QPS", file=sys.stderr, flush=True)
+    caps = pd.DataFrame(done)
     speed = engine_speed()
 
     print(__doc__.split("\n\n")[0])

@@ -20,24 +20,35 @@ import orjson
 
 TOKEN_ENV = "BLOCK_CLUSTER_TOKEN"
 TOKEN_FILE_ENV = "BLOCK_CLUSTER_TOKEN_FILE"
+ADMIN_TOKEN_ENV = "BLOCK_ADMIN_TOKEN"
+ADMIN_TOKEN_FILE_ENV = "BLOCK_ADMIN_TOKEN_FILE"
 
 
-def cluster_token() -> str | None:
-    """The token from the environment or its file; None when neither is set. A file that is named but
-    unreadable or empty is an error, not a silent "no token"."""
-    value = os.environ.get(TOKEN_ENV)
+def secret_from_env(env: str, file_env: str, what: str) -> str | None:
+    """A secret from the variable ``env`` or the file ``file_env`` names; None when neither is set. A file
+    that is named but unreadable or empty is an error, not a silent "no secret"."""
+    value = os.environ.get(env)
     if value:
         return value.strip()
-    path = os.environ.get(TOKEN_FILE_ENV)
+    path = os.environ.get(file_env)
     if not path:
         return None
     try:
         text = Path(path).read_text().strip()
     except OSError as exc:
-        raise ValueError(f"{TOKEN_FILE_ENV}={path}: cannot read the cluster token: {exc}") from exc
+        raise ValueError(f"{file_env}={path}: cannot read the {what}: {exc}") from exc
     if not text:
-        raise ValueError(f"{TOKEN_FILE_ENV}={path}: the token file is empty")
+        raise ValueError(f"{file_env}={path}: the token file is empty")
     return text
+
+
+def cluster_token() -> str | None:
+    return secret_from_env(TOKEN_ENV, TOKEN_FILE_ENV, "cluster token")
+
+
+def admin_token() -> str | None:
+    """The scheduler's admin token (its own secret: admin rights are not every service's)."""
+    return secret_from_env(ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV, "admin token")
 
 
 def is_loopback(host: str) -> bool:

@@ -42,11 +42,10 @@ def random_config(seed):
                         max_model_len=4096 if chunked else max(budget, 48))
 
 
-@settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 10**9), n=st.integers(1, 120))
-def test_fast_path_gives_the_same_timestamps_as_stepping(seed, n):
-    config = random_config(seed)
-    reqs = [r for r in random_workload(seed, n) if r.prompt_tokens + r.output_tokens <= config.max_model_len
+def fast_and_slow(workload, config):
+    """The workload (what fits the config) run with and without the fast path: every request's first
+    token, finish and preemptions must agree."""
+    reqs = [r for r in workload if r.prompt_tokens + r.output_tokens <= config.max_model_len
             and -(-(r.prompt_tokens + r.output_tokens) // 16) <= config.num_blocks - config.watermark_blocks]
     fast, slow = run(reqs, config, fast=True), run(reqs, config, fast=False)
     a = {s.id: (s.first_token, s.finish_time, s.preemptions) for s in fast.finished}
@@ -56,6 +55,14 @@ def test_fast_path_gives_the_same_timestamps_as_stepping(seed, n):
         assert a[k][0] == pytest.approx(b[k][0], rel=1e-9, abs=1e-9)
         assert a[k][1] == pytest.approx(b[k][1], rel=1e-9, abs=1e-9)
         assert a[k][2] == b[k][2]
+    return fast, slow
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**9), n=st.integers(1, 120))
+def test_fast_path_gives_the_same_timestamps_as_stepping(seed, n):
+    config = random_config(seed)
+    fast, slow = fast_and_slow(random_workload(seed, n), config)
     assert fast.steps == slow.steps
     assert fast.total_preemptions == slow.total_preemptions
 
@@ -188,16 +195,7 @@ def prefix_workload(seed, n, groups=4):
 @given(seed=st.integers(0, 10**9), n=st.integers(1, 120))
 def test_fast_path_is_exact_with_shared_prefixes(seed, n):
     config = random_config(seed)
-    reqs = [r for r in prefix_workload(seed, n) if r.prompt_tokens + r.output_tokens <= config.max_model_len
-            and -(-(r.prompt_tokens + r.output_tokens) // 16) <= config.num_blocks - config.watermark_blocks]
-    fast, slow = run(reqs, config, fast=True), run(reqs, config, fast=False)
-    a = {s.id: (s.first_token, s.finish_time, s.preemptions) for s in fast.finished}
-    b = {s.id: (s.first_token, s.finish_time, s.preemptions) for s in slow.finished}
-    assert a.keys() == b.keys() == {r.id for r in reqs}
-    for k in a:
-        assert a[k][0] == pytest.approx(b[k][0], rel=1e-9, abs=1e-9)
-        assert a[k][1] == pytest.approx(b[k][1], rel=1e-9, abs=1e-9)
-        assert a[k][2] == b[k][2]
+    fast, slow = fast_and_slow(prefix_workload(seed, n), config)
     assert (fast.steps, fast.prefix_hit_tokens) == (slow.steps, slow.prefix_hit_tokens)
     for eng in (fast, slow):  # every block is back: free, or cached and evictable
         assert eng.free_blocks == config.num_blocks and len(eng._lru) <= eng.free_blocks and not eng._refs

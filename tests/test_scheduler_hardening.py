@@ -31,7 +31,7 @@ from block.scheduler.app import Scheduler, Timeouts
 from block.scheduler.app import build_app as scheduler_app
 from block.scheduler.registry import OutlierDetection, Registry
 from simulator.workload import LengthPrior
-from store.auth import TokenGuard
+from store.auth import TokenGuard, admin_token
 from store.collector import Store
 from store.collector import build_app as collector_app
 from store.read import Reader
@@ -376,16 +376,16 @@ def test_services_refuse_to_listen_off_loopback_without_a_cluster_token(monkeypa
 def test_the_admin_token_comes_from_the_environment_or_a_file_never_argv(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("BLOCK_ADMIN_TOKEN", raising=False)
     monkeypatch.delenv("BLOCK_ADMIN_TOKEN_FILE", raising=False)
-    assert scheduler_module.admin_token_from_env() is None
+    assert admin_token() is None
     (tmp_path / "admin").write_text("from-file\n")
     monkeypatch.setenv("BLOCK_ADMIN_TOKEN_FILE", str(tmp_path / "admin"))
-    assert scheduler_module.admin_token_from_env() == "from-file"
+    assert admin_token() == "from-file"
     monkeypatch.setenv("BLOCK_ADMIN_TOKEN", "from-env")
-    assert scheduler_module.admin_token_from_env() == "from-env"
+    assert admin_token() == "from-env"
     monkeypatch.delenv("BLOCK_ADMIN_TOKEN")
     (tmp_path / "admin").write_text("")
     with pytest.raises(ValueError, match="empty"):
-        scheduler_module.admin_token_from_env()
+        admin_token()
     with pytest.raises(SystemExit):
         scheduler_module.main(["--admin-token", "visible-in-ps"])
     assert "unrecognized arguments: --admin-token" in capsys.readouterr().err

@@ -93,7 +93,7 @@ import aiohttp
 import orjson
 
 from block.engines.settings import EngineSettings
-from store.auth import TOKEN_FILE_ENV, cluster_token, is_loopback
+from store.auth import ADMIN_TOKEN_FILE_ENV, TOKEN_FILE_ENV, cluster_token, is_loopback
 from store.read import Reader
 from store.schema import ServiceEventRow
 
@@ -104,7 +104,6 @@ ENGINES = {"emulator": "block.engines.emulator", "vllm": "block.engines.vllm"}
 # engine flags, since vLLM's /metrics reports its KV cache but not these.
 SHARED_LIMITS = ("--max-num-seqs", "--max-num-batched-tokens", "--max-model-len")
 LOCAL = "local"  # the host of a cluster described by ClusterSpec.local
-ADMIN_TOKEN_FILE_ENV = "BLOCK_ADMIN_TOKEN_FILE"  # where the scheduler reads its admin token
 # Instance and host names become log file names and URL parts: no slashes, no "..", no leading dot or dash.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # POSIX: anything else could be an option of env(1)

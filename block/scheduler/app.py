@@ -27,12 +27,10 @@ import argparse
 import asyncio
 import contextlib
 import hmac
-import os
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -69,33 +67,13 @@ from block.protocol import (
 from block.routing import FALLBACKS, NoCandidates, Router, RoutingDecision
 from block.scheduler.registry import Instance, OutlierDetection, Registry
 from simulator.workload import Request
-from store.auth import token_for
+from store.auth import ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV, admin_token, token_for
 from store.schema import RequestRow
 
 LengthEstimator = Callable[[str], int]
 
 BLOCK_REQUEST_ID_HEADER = "x-block-request-id"  # the scheduler's own id of a request, in every answer
-ADMIN_TOKEN_ENV = "BLOCK_ADMIN_TOKEN"
-ADMIN_TOKEN_FILE_ENV = "BLOCK_ADMIN_TOKEN_FILE"
 TIMEOUT_KINDS = ("connect", "first_byte", "response", "idle")
-
-
-def admin_token_from_env() -> str | None:
-    """The admin token from ``BLOCK_ADMIN_TOKEN`` or the file ``BLOCK_ADMIN_TOKEN_FILE`` names; None when
-    neither is set. Never from argv, where ``ps`` shows it to every user of the machine."""
-    value = os.environ.get(ADMIN_TOKEN_ENV)
-    if value:
-        return value.strip()
-    path = os.environ.get(ADMIN_TOKEN_FILE_ENV)
-    if not path:
-        return None
-    try:
-        text = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ValueError(f"{ADMIN_TOKEN_FILE_ENV}={path}: cannot read the admin token: {exc}") from exc
-    if not text:
-        raise ValueError(f"{ADMIN_TOKEN_FILE_ENV}={path}: the token file is empty")
-    return text
 
 
 @dataclass(frozen=True)
@@ -643,7 +621,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--instance takes NAME=URL, got {item!r}")
         instances[name] = url
     try:
-        admin_token = admin_token_from_env()
+        admin = admin_token()
         cluster_token = token_for(args.host, "scheduler")
         timeouts = Timeouts(args.connect_timeout, args.first_byte_timeout, args.idle_timeout, args.response_timeout)
         outliers = OutlierDetection(args.eject_consecutive_5xx, args.eject_consecutive_gateway, args.eject_base_s,
@@ -657,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
         estimator = LengthEstimator.load(args.length_model)  # loaded once, serves in-process
     try:
         sched = Scheduler(instances, args.policy, args.served_model_name or ["Llama-2-7B"], args.max_model_len,
-                          predict_budget_s=args.predict_budget_ms / 1e3, admin_token=admin_token,
+                          predict_budget_s=args.predict_budget_ms / 1e3, admin_token=admin,
                           sink=EventSink(args.collector_url, args.run_id, journal=args.journal), estimator=estimator,
                           timeouts=timeouts, outliers=outliers, max_inflight=args.max_inflight,
                           max_retries=args.max_retries, cluster_token=cluster_token)
