@@ -2,7 +2,8 @@
 
 Cluster: Qwen2-7B (32k context) on A100-40G instances with vLLM V1's A100 serving defaults (256 seats,
 2,048-token chunks) and the KV cache sized from GPU memory like vLLM: 24,564 blocks (393k tokens) per
-instance, about a fifth of the b2b-saas working set, as in llm-d's b2b-saas set-up. Prefix caching is on.
+instance, about a fifth of the b2b-saas prompts' 1.8M distinct tokens, so no instance holds every group and
+where a group goes matters. Prefix caching is on.
 Scenarios come from published shapes; none is tuned for Block:
 - shared_prefix: llm-d's b2b-saas (150 groups x 5 questions; 6k-token system prompt, 1.2k question, 1k
   answer; Poisson arrivals). --quick halves the groups with the instances (same cache-to-working-set ratio).
@@ -11,7 +12,7 @@ Scenarios come from published shapes; none is tuned for Block:
   a run ramps up over the first ~50 s (a session's length); each turn's prompt is the history, and its
   answer is cached for the next turn.
 - mooncake: the Mooncake (FAST'25) synthetic trace with its hash ids and its own arrivals, time-scaled to
-  the rate; prompts clipped to the 32k context (about 15% are longer). Its prefixes recur far apart: even
+  the rate; prompts clipped to the 32k context (16% are longer). Its prefixes recur far apart: even
   one LRU cache as large as the whole cluster's would hit about 6% of the first 2,000 requests' tokens.
   Skipped, and said so, without BLOCK_DATA_DIR.
 Capacity: the highest rate whose P99 TTFT meets the scenario's SLO, bracketed then bisected, per seed. Seeds

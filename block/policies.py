@@ -78,6 +78,15 @@ def _argmin(candidates: Sequence[Candidate], key: Callable[[Candidate], float]) 
     return _lowest(candidates, key).name
 
 
+def _argmin_random_tie(candidates: Sequence[Candidate], key: Callable[[Candidate], float],
+                       rng: random.Random) -> str:
+    """Lowest key, a random one among ties: GIE's max-score picker (``max_score_picker.go``) picks at
+    random among the highest scores, so a cold cluster is not filled from its first pod."""
+    values = [key(c) for c in candidates]
+    low = min(values)
+    return rng.choice([c for c, v in zip(candidates, values, strict=True) if v == low]).name
+
+
 def _load(c: Candidate) -> int:
     """Requests at the instance, running + waiting + dispatched-not-yet-visible: a router's own count."""
     return c.signals.running + c.signals.waiting
@@ -184,12 +193,15 @@ class LlmdBlend(Policy):
     Source: llm-d-inference-scheduler ``config/charts/epplib/templates/_config.yaml`` (weights 2-2-3, GIE PR
     #1827); scorers per GIE: queue = (maxQ − q)/(maxQ − minQ) over the candidates (1 when all equal) on the
     waiting queue, kv-cache = 1 − KV usage, prefix = matched / total prompt blocks from the approximate index;
-    max-score picker (ties: the first candidate).
+    max-score picker (ties: one at random).
     """
 
     name = "llmd_blend"
     prefix_source = "approximate"
     weights = (2.0, 2.0, 3.0)  # queue, kv-cache, prefix
+
+    def __init__(self, seed: int = 0):
+        self._rng = random.Random(seed)
 
     def choose(self, request: Request, candidates: Sequence[Candidate]) -> str:
         low = min(c.signals.waiting for c in candidates)
@@ -200,7 +212,7 @@ class LlmdBlend(Policy):
             queue = 1.0 if high == low else (high - c.signals.waiting) / (high - low)
             return -(wq * queue + wkv * (1.0 - _kv_usage(c.signals)) + wp * c.prefix_ratio)
 
-        return _argmin(candidates, minus_score)
+        return _argmin_random_tie(candidates, minus_score, self._rng)
 
 
 class LlmdSticky(Policy):
@@ -210,7 +222,8 @@ class LlmdSticky(Policy):
     §1): keep candidates with prefix score >= 0.8; drop that filter when the best warm one's estimated TTFT
     exceeds the best cold one's by more than 18 s, estTTFT = in-flight uncached prompt tokens / 15,928 tok/s
     (``peakPrefillThroughput`` default); then token-load lookahead: the least in-flight uncached prompt
-    tokens plus this prompt's uncached tokens, prompt·(1 − prefix score) (``inflightload/README.md``).
+    tokens plus this prompt's uncached tokens, prompt·(1 − prefix score) (``inflightload/README.md``);
+    max-score picker (ties: one at random).
     """
 
     name = "llmd_sticky"
@@ -218,6 +231,9 @@ class LlmdSticky(Policy):
     affinity = 0.8
     max_gap_s = 18.0
     peak_prefill_tokens_per_s = 15_928.0
+
+    def __init__(self, seed: int = 0):
+        self._rng = random.Random(seed)
 
     def choose(self, request: Request, candidates: Sequence[Candidate]) -> str:
         warm = [c for c in candidates if c.prefix_ratio >= self.affinity]
@@ -228,7 +244,8 @@ class LlmdSticky(Policy):
                    - min(c.signals.prefill_tokens for c in cold)) / self.peak_prefill_tokens_per_s
             if gap > self.max_gap_s:
                 pool = candidates
-        return _argmin(pool, lambda c: c.signals.prefill_tokens + request.prompt_tokens * (1.0 - c.prefix_ratio))
+        return _argmin_random_tie(
+            pool, lambda c: c.signals.prefill_tokens + request.prompt_tokens * (1.0 - c.prefix_ratio), self._rng)
 
 
 class DynamoKv(Policy):
@@ -368,8 +385,8 @@ POLICIES: dict[str, Callable[[int], Policy]] = {
     "block": lambda seed: Block("e2e", False, "block"),
     "block_ttft": lambda seed: Block("ttft", False, "block_ttft"),
     "block_star": lambda seed: Block("e2e", True, "block_star"),
-    "llmd_blend": lambda seed: LlmdBlend(),
-    "llmd_sticky": lambda seed: LlmdSticky(),
+    "llmd_blend": lambda seed: LlmdBlend(seed),
+    "llmd_sticky": lambda seed: LlmdSticky(seed),
     "dynamo": lambda seed: DynamoKv(1.0, "dynamo"),
     "dynamo_s16": lambda seed: DynamoKv(16.0, "dynamo_s16"),
     "sglang": lambda seed: SglangCacheAware(),

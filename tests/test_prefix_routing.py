@@ -52,6 +52,9 @@ def test_llmd_blend_weighs_queue_kv_and_prefix_2_2_3():
     assert p.choose(req(), [cand("a", sig(waiting=0, free=500)), cand("b", sig(waiting=3, free=900))]) == "a"
     # equal queues score 1 each: the KV term decides
     assert p.choose(req(), [cand("a", sig(waiting=2, free=100)), cand("b", sig(waiting=2, free=200))]) == "b"
+    # GIE's max-score picker takes one of the tied best at random, not always the first
+    tied = [cand(n) for n in "abcd"]
+    assert {p.choose(req(), tied) for _ in range(40)} == set("abcd")
 
 
 def test_llmd_sticky_keeps_warm_instances_until_18_s_of_prefill_then_least_token_load():
