@@ -1,16 +1,20 @@
 """The slice of the OpenAI API every service here speaks: parsing, validation, errors, response shapes.
 
 One parser for the emulator, the side-car and the scheduler, so a request is judged the same way at
-every hop and a bad one is refused at the front door with a message that says what was wrong.
+every hop and a bad one is refused at the front door with a message that says what was wrong. The bodies
+are pydantic models of the fields vLLM honours; pydantic's first error becomes an OpenAI-shaped 400 that
+names the field (``param``) and the value sent.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import orjson
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from block.protocol import approx_tokens
 
@@ -46,37 +50,98 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     ignore_eos: bool
-    body: dict[str, Any]
+    body: dict[str, Any]  # as sent: forwarded unchanged, so the engine sees every field the client set
+    params: CompletionBody | ChatBody  # the same body, validated
 
 
-def _prompt_from_chat(messages: Any) -> str:
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-    parts = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
-            raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", "messages")
-        content = m.get("content", "")
-        if isinstance(content, list):
-            content = " ".join(_text_part(part, f"messages[{i}].content[{j}]") for j, part in enumerate(content))
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
-        parts.append(f"{m['role']}: {content}")
-    return "\n".join(parts)
+# The request bodies, with the fields vLLM's CompletionRequest and ChatCompletionRequest honour
+# (vllm/entrypoints/openai/protocol.py) and their types and ranges. Strict: a "1" is not an integer and a
+# 1 is not a boolean. Other fields are allowed and forwarded, as vLLM's OpenAIBaseModel does.
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
-def _text_part(part: Any, where: str) -> str:
-    """A content part's text. Only text parts are served: an image or audio part would be dropped on the
-    way to a text-only engine, and the answer would silently ignore it."""
-    if not isinstance(part, dict):
-        raise ApiError(400, f"{where} must be an object {{type: text, text: string}}", "messages")
-    if part.get("type", "text") != "text":
-        raise ApiError(400, f"{where}.type {part.get('type')!r} is not supported; only text parts are served",
-                       "messages")
-    text = part.get("text")
-    if not isinstance(text, str):
-        raise ApiError(400, f"{where}.text must be a string, got {text!r}", "messages")
-    return text
+class StreamOptions(_Body):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class TextPart(_Body):
+    type: Literal["text"] = "text"
+    text: str
+
+
+def _content_parts(value: Any) -> Any:
+    """A message's content as text parts: a string is one part, null none. Only text parts are served: an
+    image or audio part would be dropped on the way to a text-only engine, and the answer would silently
+    ignore it."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"type": "text", "text": value}]
+    if not isinstance(value, list):
+        raise PydanticCustomError("content_type", "must be a string or a list of text parts")
+    return value
+
+
+class ChatMessage(_Body):
+    role: Annotated[str, Field(min_length=1)]
+    content: Annotated[list[TextPart], BeforeValidator(_content_parts)] = []
+
+    def text(self) -> str:
+        return f"{self.role}: " + " ".join(part.text for part in self.content)
+
+
+def _stop(value: Any) -> Any:
+    if value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+        return value
+    raise PydanticCustomError("stop_type", "must be a string or a list of strings")
+
+
+class _Sampling(_Body):
+    """What both endpoints share: sampling, stopping and streaming (vLLM's ranges)."""
+
+    model: Annotated[str, Field(min_length=1)]
+    n: Annotated[int, Field(ge=1)] | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Field(ge=0.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    length_penalty: float | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    stop: Annotated[Any, AfterValidator(_stop)] = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    logit_bias: dict[str, float] | None = None
+    add_special_tokens: bool | None = None
+    priority: int | None = None
+    request_id: str | None = None
+    user: str | None = None
+
+
+class CompletionBody(_Sampling):
+    prompt: Any = None  # a string, a list of one string, or token ids: judged by _prompt
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 # Parameters that change what a response contains. No hop implements them end to end (the emulator, the
@@ -90,48 +155,75 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "response_format": ({"type": "text"},), "prompt_logprobs": (), "use_beam_search": (False,),
 }
 
-_NUMBERS: dict[str, tuple[float, float]] = {  # sampling parameters passed through to the engine: type and range
-    "temperature": (0.0, float("inf")), "top_p": (0.0, 1.0), "presence_penalty": (-2.0, 2.0),
-    "frequency_penalty": (-2.0, 2.0), "repetition_penalty": (0.0, float("inf")),
-}
+_TYPES = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+          "string_type": "a string", "dict_type": "an object", "model_type": "an object", "list_type": "a list",
+          "model_attributes_type": "an object"}
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _where(loc: tuple[int | str, ...]) -> str:
+    """A pydantic location as the request spells it: ``messages[0].content[1].text``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def _check_options(body: dict[str, Any]) -> None:
-    """Refuse parameters no hop serves and parameters of the wrong type, naming the parameter."""
-    for name in ("n", "best_of"):
-        value = body.get(name)
-        if value is not None and (not _is_int(value) or value < 1):
-            raise ApiError(400, f"'{name}' must be a positive integer, got {value!r}", name)
+def _refusal(error: ErrorDetails) -> ApiError:
+    """The first validation error as today's ApiError: 400, a message naming the field and the value sent,
+    and the top-level field in ``param``."""
+    loc, kind, got = error["loc"], error["type"], error.get("input")
+    where = f"'{_where(loc)}'"
+    ctx = error.get("ctx") or {}
+    if kind == "missing":
+        message = f"{where} is required"
+    elif kind in _TYPES:
+        message = f"{where} must be {_TYPES[kind]}, got {got!r}"
+    elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        bound = {"greater_than_equal": ("at least", "ge"), "greater_than": ("above", "gt"),
+                 "less_than_equal": ("at most", "le"), "less_than": ("below", "lt")}[kind]
+        message = f"{where} must be {bound[0]} {ctx[bound[1]]}, got {got!r}"
+    elif kind == "string_too_short":
+        message = f"{where} must not be empty"
+    elif kind == "literal_error" and loc[-1] == "type":
+        message = f"{where} {got!r} is not supported; only text parts are served"
+    else:
+        message = f"{where} {error['msg']}, got {got!r}"
+    return ApiError(400, message, str(loc[0]) if loc else None)
+
+
+def _validated(body: dict[str, Any], kind: str) -> CompletionBody | ChatBody:
+    try:
+        return (ChatBody if kind == "chat" else CompletionBody).model_validate(body)
+    except ValidationError as exc:
+        raise _refusal(exc.errors(include_url=False)[0]) from None
+
+
+def _check_unsupported(body: dict[str, Any]) -> None:
     for name, off in _UNSUPPORTED.items():
         value = body.get(name)
         if value is None or any(type(value) is type(o) and value == o for o in off):
             continue
         raise ApiError(400, f"'{name}' is not supported here (got {value!r}): every hop serves one choice of plain "
                             "text, without log-probabilities, echo, tools or structured output", name)
-    for name, (low, high) in _NUMBERS.items():
-        value = body.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-            raise ApiError(400, f"'{name}' must be a number in [{low}, {high}], got {value!r}", name)
-    for name in ("stream", "ignore_eos"):
-        value = body.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise ApiError(400, f"'{name}' must be true or false, got {value!r}", name)
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise ApiError(400, f"'seed' must be an integer, got {seed!r}", "seed")
-    stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str) and not (
-            isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise ApiError(400, f"'stop' must be a string or a list of strings, got {stop!r}", "stop")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise ApiError(400, f"'user' must be a string, got {user!r}", "user")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prompt(prompt: Any) -> tuple[str, int]:
+    """A completions prompt's text and token count: one string, a list of one string, or token ids."""
+    if prompt is None:
+        raise ApiError(400, "'prompt' is required", "prompt")
+    if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
+        return "", len(prompt)
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0], approx_tokens(prompt[0])
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError(400, "'prompt' must not be empty", "prompt")
+        return prompt, approx_tokens(prompt)
+    raise ApiError(400, "'prompt' must be a string, a list of one string, or a list of token ids", "prompt")
 
 
 def parse_request(raw: bytes, kind: str, served_models: list[str], max_model_len: int | None) -> CompletionRequest:
@@ -142,55 +234,34 @@ def parse_request(raw: bytes, kind: str, served_models: list[str], max_model_len
         raise ApiError(400, f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
+    if not isinstance(body.get("model"), str) or not body["model"]:
         raise ApiError(400, "'model' is required", "model")
-    _check_options(body)
-    if model not in served_models:
-        raise ApiError(404, f"The model `{model}` does not exist. Served models: {', '.join(served_models)}",
+    params = _validated(body, kind)
+    _check_unsupported(body)
+    if params.model not in served_models:
+        raise ApiError(404, f"The model `{params.model}` does not exist. Served models: {', '.join(served_models)}",
                        "model", "NotFoundError")
-    if kind == "chat":
-        text = _prompt_from_chat(body.get("messages"))
+    if isinstance(params, ChatBody):
+        if not params.messages:
+            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+        text = "\n".join(m.text() for m in params.messages)
         n_prompt = approx_tokens(text)
+        key = "max_completion_tokens" if params.max_completion_tokens is not None else "max_tokens"
+        max_tokens = params.max_completion_tokens if params.max_completion_tokens is not None else params.max_tokens
     else:
-        prompt = body.get("prompt")
-        if prompt is None:
-            raise ApiError(400, "'prompt' is required", "prompt")
-        if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
-            text, n_prompt = "", len(prompt)
-        elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            text = prompt[0]
-            n_prompt = approx_tokens(text)
-        elif isinstance(prompt, str):
-            if not prompt:
-                raise ApiError(400, "'prompt' must not be empty", "prompt")
-            text, n_prompt = prompt, approx_tokens(prompt)
-        else:
-            raise ApiError(400, "'prompt' must be a string, a list of one string, or a list of token ids", "prompt")
-    key = "max_completion_tokens" if kind == "chat" and "max_completion_tokens" in body else "max_tokens"
-    max_tokens = body.get(key)
-    if max_tokens is not None:
-        if not _is_int(max_tokens):
-            raise ApiError(400, f"'{key}' must be an integer, got {max_tokens!r}", key)
-        if max_tokens < 1:
-            raise ApiError(400, f"'{key}' must be at least 1, got {max_tokens}", key)
-        if max_tokens > MAX_TOKENS_LIMIT:
-            raise ApiError(400, f"'{key}' of {max_tokens} is absurdly large (limit {MAX_TOKENS_LIMIT})", key)
+        text, n_prompt = _prompt(params.prompt)
+        key, max_tokens = "max_tokens", params.max_tokens
+    if max_tokens is not None and max_tokens > MAX_TOKENS_LIMIT:
+        raise ApiError(400, f"'{key}' of {max_tokens} is absurdly large (limit {MAX_TOKENS_LIMIT})", key)
     if max_model_len is not None:
         total = n_prompt + (max_tokens or 1)
         if n_prompt >= max_model_len or total > max_model_len:
             raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
                                 f"requested {total} tokens ({n_prompt} in the prompt, {max_tokens or 1} for the "
                                 "completion). Please reduce the length of the prompt or completion.", key)
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    include_usage = opts.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise ApiError(400, f"'stream_options.include_usage' must be true or false, got {include_usage!r}",
-                       "stream_options")
-    return CompletionRequest(kind, model, text, n_prompt, max_tokens, body.get("stream") is True, include_usage,
-                             body.get("ignore_eos") is True, body)
+    include_usage = params.stream_options is not None and params.stream_options.include_usage
+    return CompletionRequest(kind, params.model, text, n_prompt, max_tokens, params.stream is True, include_usage,
+                             params.ignore_eos is True, body, params)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -67,9 +67,20 @@ def prompt_of(tokens: int) -> str:
     return ("lore" * tokens)[: 4 * tokens]
 
 
+def request_body(url: str, model: str, req: Request) -> dict:
+    """A streamed completions body, or a chat body when ``url`` is a chat-completions endpoint. The prompt is
+    the request's own text when it has one (shared-prefix and multi-turn workloads repeat prefixes byte for
+    byte, so every hop's block hashes see the sharing), else filler of the right length."""
+    body: dict = {"model": model, "max_tokens": req.output_tokens, "ignore_eos": True, "stream": True,
+                  "stream_options": {"include_usage": True}}
+    text = req.prompt if req.prompt is not None else prompt_of(req.prompt_tokens)
+    if url.rstrip("/").endswith("chat/completions"):
+        return body | {"messages": [{"role": "user", "content": text}]}
+    return body | {"prompt": text}
+
+
 async def _one(client: aiohttp.ClientSession, url: str, model: str, req: Request, rec: ClientRecord) -> None:
-    body = {"model": model, "prompt": prompt_of(req.prompt_tokens), "max_tokens": req.output_tokens,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = request_body(url, model, req)
     last = None
     counted = None
     try:
@@ -118,12 +129,20 @@ async def _one(client: aiohttp.ClientSession, url: str, model: str, req: Request
 
 async def run_load(base_url: str | Sequence[str], requests: Sequence[Request], model: str, *,
                    sink: EventSink | None = None, policy: str | None = None,
-                   progress: Callable[[int], None] | None = None, timeout_s: float = 600.0) -> list[ClientRecord]:
+                   progress: Callable[[int], None] | None = None, timeout_s: float = 600.0,
+                   endpoint: str = "/v1/completions", max_concurrency: int | None = None) -> list[ClientRecord]:
     """Replay ``requests`` (arrival times in seconds from now) against an OpenAI-compatible server, or
-    round-robin over several (to measure engines directly, without a router)."""
+    round-robin over several (to measure engines directly, without a router).
+
+    ``max_concurrency`` caps requests in flight as ``vllm bench serve`` does: a request that arrives while
+    the cap is reached waits for a slot, and its latencies count from when it is sent.
+    """
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
     bases = [base_url] if isinstance(base_url, str) else list(base_url)
-    urls = [b.rstrip("/") + "/v1/completions" for b in bases]
+    urls = [b.rstrip("/") + "/" + endpoint.lstrip("/") for b in bases]
     records: list[ClientRecord] = []
+    slots = asyncio.Semaphore(max_concurrency or max(1, len(requests)))
     done = 0
 
     async def fire(req: Request, start: float) -> None:
@@ -131,9 +150,10 @@ async def run_load(base_url: str | Sequence[str], requests: Sequence[Request], m
         delay = start + req.arrival - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        rec = ClientRecord(uuid.uuid4().hex, time.time(), req.prompt_tokens, req.output_tokens)
-        records.append(rec)
-        await _one(client, urls[req.id % len(urls)], model, req, rec)
+        async with slots:
+            rec = ClientRecord(uuid.uuid4().hex, time.time(), req.prompt_tokens, req.output_tokens)
+            records.append(rec)
+            await _one(client, urls[req.id % len(urls)], model, req, rec)
         if sink is not None:
             sink.emit(rec.row(policy))
         done += 1
@@ -149,27 +169,57 @@ async def run_load(base_url: str | Sequence[str], requests: Sequence[Request], m
     return records
 
 
-def summarize(records: Sequence[ClientRecord]) -> dict:
-    """The numbers ``vllm bench serve`` prints, from client-side measurements."""
+def first_failure(records: Sequence[ClientRecord]) -> ClientRecord | None:
+    """The earliest-sent failed request: its error is the cause to report, later ones usually repeat it."""
+    failed = [r for r in records if r.status != "ok"]
+    return min(failed, key=lambda r: r.arrival_ts) if failed else None
+
+
+GOODPUT_METRICS = ("ttft", "tpot", "e2el")
+PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
+
+
+def _values(records: Sequence[ClientRecord], metric: str) -> list[float]:
+    if metric == "itl":
+        return [x for r in records for x in r.itls]
+    attr = {"ttft": "ttft", "tpot": "tpot", "e2el": "e2e"}[metric]
+    return [v for r in records if (v := getattr(r, attr)) is not None]
+
+
+def _meets(rec: ClientRecord, slos_ms: dict[str, float]) -> bool:
+    """Whether a finished request met every goodput SLO (milliseconds); a metric it lacks (the TPOT of a
+    one-token answer) does not count against it, as in vLLM."""
+    for metric, limit in slos_ms.items():
+        value = {"ttft": rec.ttft, "tpot": rec.tpot, "e2el": rec.e2e}[metric]
+        if value is not None and value * 1e3 > limit:
+            return False
+    return True
+
+
+def summarize(records: Sequence[ClientRecord], metrics: Sequence[str] = PERCENTILE_METRICS,
+              percentiles: Sequence[float] = (99,), goodput_ms: dict[str, float] | None = None) -> dict:
+    """The numbers ``vllm bench serve`` prints, from client-side measurements: mean, median and the
+    ``percentiles`` of each of ``metrics`` in milliseconds, and the rate of requests that met every
+    ``goodput_ms`` SLO when one is given."""
+    if unknown := sorted(set(metrics) - set(PERCENTILE_METRICS)):
+        raise ValueError(f"unknown percentile metric(s) {', '.join(unknown)}; known: {', '.join(PERCENTILE_METRICS)}")
+    if unknown := sorted(set(goodput_ms or ()) - set(GOODPUT_METRICS)):
+        raise ValueError(f"unknown goodput metric(s) {', '.join(unknown)}; known: {', '.join(GOODPUT_METRICS)}")
     ok = [r for r in records if r.status == "ok"]
     if not ok:
         return {"completed": 0, "failed": len(records)}
     start = min(r.arrival_ts for r in records)
     end = max(r.finish_ts or r.arrival_ts for r in records)
     duration = max(end - start, 1e-9)
-
-    def stats(name: str, values: list[float]) -> dict:
-        arr = np.asarray([v for v in values if v is not None], dtype=float) * 1e3
-        if not arr.size:
-            return {}
-        return {f"mean_{name}_ms": float(arr.mean()), f"median_{name}_ms": float(np.median(arr)),
-                f"p99_{name}_ms": float(np.percentile(arr, 99))}
-
     out = {"completed": len(ok), "failed": len(records) - len(ok), "duration_s": duration,
            "request_throughput": len(ok) / duration,
            "output_throughput": sum(r.output_tokens for r in ok) / duration}
-    out |= stats("ttft", [r.ttft for r in ok])
-    out |= stats("tpot", [r.tpot for r in ok])
-    out |= stats("itl", [x for r in ok for x in r.itls])
-    out |= stats("e2el", [r.e2e for r in ok])
+    if goodput_ms:
+        out["request_goodput"] = sum(_meets(r, goodput_ms) for r in ok) / duration
+    for name in metrics:
+        arr = np.asarray(_values(ok, name), dtype=float) * 1e3
+        if not arr.size:
+            continue
+        out |= {f"mean_{name}_ms": float(arr.mean()), f"median_{name}_ms": float(np.median(arr))}
+        out |= {f"p{p:g}_{name}_ms": float(np.percentile(arr, p)) for p in percentiles}
     return out

@@ -42,9 +42,9 @@ class EngineSettings:
     noise: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.time_scale <= 0:
+        if not self.time_scale > 0:  # written so that NaN fails too
             raise ValueError(f"time_scale must be > 0, got {self.time_scale}")
-        if self.noise < 0:
+        if not self.noise >= 0:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
 
     @classmethod
