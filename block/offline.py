@@ -14,22 +14,22 @@ import bisect
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from block.length.data import load_alpaca
-from block.policies import PREFIX_SOURCES, Candidate, Policy, make_policy
+from block.policies import PREFIX_SOURCES, Candidate, Policy, Rejected, make_policy
 from block.predictor.calibration import build_predictor
 from block.predictor.core import Prediction, Predictor
-from block.prefix_index import ApproximatePrefixIndex, ExactPrefixView, prompt_hashes
-from block.protocol import LoadSignals
+from block.prefix_index import ApproximatePrefixIndex, prompt_hashes
 from block.provisioner import InstanceView, Observation, Provisioner, ProvisionerConfig
-from block.routing import Router, RoutingDecision
+from block.routing import Router, RoutingDecision, StateView
 from simulator.cluster import Cluster, ClusterView, Instance, ScaleAction
-from simulator.engine import Engine, EngineConfig, InstanceState
+from simulator.engine import Engine, EngineConfig
+from simulator.fleet import FLEETS, Fleet, InstanceGroup, SloClass, assign_slos, parse_fleet, peak_token_throughput
 from simulator.hardware import get_gpu, get_model, num_kv_blocks
 from simulator.metrics import capacity, records_frame, summarize
 from simulator.timing import Roofline, StepSample, TimingModel
@@ -57,6 +57,18 @@ class ClusterSpec:
     def world_timing(self) -> Roofline:
         return Roofline(get_gpu(self.gpu), get_model(self.model), self.tensor_parallel)
 
+    def describe(self) -> str:
+        return self.fleet().describe()
+
+    def fleet(self) -> Fleet:
+        """This homogeneous cluster as a fleet of one group."""
+        return Fleet((InstanceGroup(self.gpu, self.model, self.instances, self.tensor_parallel, self.max_num_seqs,
+                                    self.max_num_batched_tokens, self.num_blocks, self.chunked_prefill),))
+
+
+def as_fleet(spec: ClusterSpec | Fleet) -> Fleet:
+    return spec if isinstance(spec, Fleet) else spec.fleet()
+
 
 PRESETS: dict[str, ClusterSpec] = {
     # Block's paper setting: 12 x A30, Llama-2-7B, batch cap 48, chunk 512, 1052 KV blocks.
@@ -72,6 +84,16 @@ def get_preset(name: str) -> ClusterSpec:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def get_cluster(text: str, model: str = "Llama-2-7B") -> ClusterSpec | Fleet:
+    """A homogeneous preset (``paper``), a fleet preset (``hetero``) or the compact form (``4xA100-80G,8xA30``)."""
+    if text in PRESETS:
+        return PRESETS[text]
+    if text in FLEETS or "x" in text.lower():
+        return parse_fleet(text, model=model)
+    raise ValueError(f"unknown cluster {text!r}; presets: {', '.join([*PRESETS, *FLEETS])}, "
+                     "or COUNTxGPU[:tpN],... (e.g. 4xA100-80G,8xA30)")
 
 
 @dataclass
@@ -93,9 +115,10 @@ class Honesty:
 _WARMUP_CACHE: dict[tuple, list[StepSample]] = {}
 
 
-def warmup_samples(spec: ClusterSpec, noise: float, trace: Trace, seed: int = 0) -> list[StepSample]:
+def warmup_samples(spec: ClusterSpec | InstanceGroup, noise: float, trace: Trace, seed: int = 0) -> list[StepSample]:
     """Step times measured from a warm-up run of one world engine, as a deployment would collect them
-    from its first minutes of engine metrics; the predictor's timing model is fitted on these."""
+    from its first minutes of engine metrics; the predictor's timing model is fitted on these. ``seed``
+    tells instances apart: each is calibrated on its own warm-up."""
     key = (spec, noise, seed, trace.source, len(trace))
     if key in _WARMUP_CACHE:
         return _WARMUP_CACHE[key]
@@ -114,13 +137,25 @@ def warmup_samples(spec: ClusterSpec, noise: float, trace: Trace, seed: int = 0)
     return samples
 
 
-def _world_and_predictor(spec: ClusterSpec, honesty: Honesty, prior: LengthPrior,
-                         calibration_trace: Trace) -> tuple[TimingModel, Predictor]:
+def _world_and_predictor(spec: ClusterSpec | InstanceGroup, honesty: Honesty, prior: LengthPrior,
+                         calibration_trace: Trace, seed: int = 0) -> tuple[TimingModel, Predictor]:
     """The world's timing model, and the predictor that may only know a calibrated one (unless oracle)."""
     world = spec.world_timing()
     if honesty.oracle_timing:
         return world, build_predictor(prior, world, oracle=world)
-    return world, build_predictor(prior, world, samples=warmup_samples(spec, honesty.noise, calibration_trace))
+    return world, build_predictor(prior, world, samples=warmup_samples(spec, honesty.noise, calibration_trace, seed))
+
+
+def instance_predictors(fleet: Fleet, honesty: Honesty, prior: LengthPrior,
+                        calibration_trace: Trace) -> dict[str, Predictor]:
+    """One predictor per instance, each calibrated on its own instance's warm-up step times (through the
+    one factory) and labelled with its GPU: a side-car knows its own engine, not its neighbours'."""
+    out = {}
+    for i, (name, group) in enumerate(fleet.members()):
+        _, predictor = _world_and_predictor(group, honesty, prior, calibration_trace, seed=i)
+        predictor.label = f"{predictor.label} gpu={group.label}"
+        out[name] = predictor
+    return out
 
 
 def counterfactual(engine: Engine, request: Request, now: float, horizon: float) -> tuple[float, float]:
@@ -135,17 +170,6 @@ def counterfactual(engine: Engine, request: Request, now: float, horizon: float)
     return first - now, finish - now
 
 
-@dataclass
-class PolledInstance:
-    """What the router knows of one instance: its last polled state (with a view of its prefix cache, as
-    KV events would mirror it) and the requests it dispatched there since."""
-
-    polled: float
-    state: InstanceState
-    cache: ExactPrefixView
-    pending: list[Request] = field(default_factory=list)
-
-
 class SimRouter:
     """The simulator's router callback: the shared ``Router`` over stale instance states.
 
@@ -154,53 +178,65 @@ class SimRouter:
     candidate's prefix match from the source they declare: the polled state's cache (exact) or this
     router's own index of the prompts it sent (approximate). With ``audit_every`` = k, every k-th decision
     is audited after it is made: every candidate's honest prediction next to its counterfactual outcome, so
-    rank accuracy of the choice can be measured.
+    rank accuracy of the choice can be measured. ``predictor`` is one per instance name (each side-car
+    predicts its own engine) or one for all; a policy that rejects (``Rejected``) makes the call answer None.
     """
 
-    def __init__(self, policy: Policy, predictor: Predictor, state_interval: float, audit_every: int = 0):
+    def __init__(self, policy: Policy, predictor: Predictor | Mapping[str, Predictor], state_interval: float,
+                 audit_every: int = 0):
         if policy.prefix_source not in (None, *PREFIX_SOURCES):
             raise ValueError(f"policy {policy.name!r}: unknown prefix source {policy.prefix_source!r}; "
                              f"choose one of {PREFIX_SOURCES}")
         self.router = Router(policy)
-        self.predictor = predictor
+        self.predictors: Mapping[str, Predictor] = {} if isinstance(predictor, Predictor) else predictor
+        self.predictor = predictor if isinstance(predictor, Predictor) else next(iter(predictor.values()))
+        self.label = "; ".join(dict.fromkeys(p.label for p in self.predictors.values())) or self.predictor.label
+        self._capacity: dict[str, float] = {}
+        self.rejected: list[Request] = []
         self.state_interval = state_interval
         self.audit_every = audit_every
         self.index = ApproximatePrefixIndex()
-        self._views: dict[str, PolledInstance] = {}
+        self._views: dict[str, StateView] = {}
         self.decisions: list[RoutingDecision] = []
         self.audit: list[dict] = []
 
-    def _view(self, inst: Instance, now: float) -> PolledInstance:
+    def _view(self, inst: Instance, now: float) -> StateView:
         view = self._views.get(inst.name)
-        if view is None or now - view.polled >= self.state_interval:
-            state = inst.engine.snapshot()
-            view = PolledInstance(now, state, ExactPrefixView(state))
+        if view is None or now - view.seen_at >= self.state_interval:
+            view = StateView.of(inst.engine.snapshot(), now)
             self._views[inst.name] = view
         return view
 
-    def _predict(self, view: PolledInstance, name: str, request: Request, target: str, now: float) -> Prediction:
-        return self.predictor.predict(view.state, request, target=target, now=now, instance=name, extra=view.pending)
+    def predictor_of(self, name: str) -> Predictor:
+        return self.predictors.get(name, self.predictor)
 
-    def _candidate(self, name: str, view: PolledInstance, prompt: tuple[int, ...]) -> Candidate:
-        signals = LoadSignals.from_state(view.state, self.predictor.prior, view.pending, view.cache)
-        source = self.router.policy.prefix_source
-        if source == "exact":
-            matched, tree = view.cache.match(prompt), view.cache.size
-        elif source == "approximate":
-            matched, tree = self.index.match(name, prompt), self.index.size(name)
-        else:
-            return Candidate(name, signals, len(view.pending))
-        return Candidate(name, signals, len(view.pending), matched_blocks=matched, prompt_blocks=len(prompt),
-                         tree_blocks=tree, prefix_source=source)
+    def _predict(self, view: StateView, name: str, request: Request, target: str, now: float) -> Prediction:
+        return view.predict(self.predictor_of(name), name, request, target, now, self.router.policy.wants_impact)
 
-    def __call__(self, request: Request, instances: Sequence[Instance], now: float) -> str:
+    def capacity_of(self, name: str, config: EngineConfig) -> float:
+        """R_peak of the instance from its own predictor's timing model: what its side-car can tell."""
+        cap = self._capacity.get(name)
+        if cap is None:
+            cap = self._capacity[name] = peak_token_throughput(self.predictor_of(name).timing, config)
+        return cap
+
+    def _candidate(self, name: str, view: StateView, prompt: tuple[int, ...]) -> Candidate:
+        c = view.candidate(name, prompt, self.predictor.prior, self.router.policy.prefix_source, self.index)
+        c.capacity = self.capacity_of(name, view.state.config)
+        return c
+
+    def __call__(self, request: Request, instances: Sequence[Instance], now: float) -> str | None:
         views = {inst.name: self._view(inst, now) for inst in instances}
         block_size = instances[0].engine.config.block_size
         prompt = prompt_hashes(request, block_size)
         candidates = [self._candidate(name, view, prompt) for name, view in views.items()]
-        decision = self.router.route(
-            request, candidates, lambda c, req, target: self._predict(views[c.name], c.name, req, target, now),
-            request_id=str(request.id), ts=now, predictor=self.predictor.label)
+        try:
+            decision = self.router.route(
+                request, candidates, lambda c, req, target: self._predict(views[c.name], c.name, req, target, now),
+                request_id=str(request.id), ts=now, predictor=self.label)
+        except Rejected:
+            self.rejected.append(request)
+            return None
         self.decisions.append(decision)
         if self.audit_every and (len(self.decisions) - 1) % self.audit_every == 0:
             self._audit(request, instances, views, decision, now)
@@ -210,12 +246,12 @@ class SimRouter:
             self.index.record(decision.choice, prompt, chosen.state.config.num_blocks)
         return decision.choice
 
-    def _audit(self, request: Request, instances: Sequence[Instance], views: dict[str, PolledInstance],
+    def _audit(self, request: Request, instances: Sequence[Instance], views: dict[str, StateView],
                decision: RoutingDecision, now: float) -> None:
         asked = {c.name: c.prediction("e2e") for c in decision.candidates}
         for inst in instances:
             pred = asked.get(inst.name) or self._predict(views[inst.name], inst.name, request, "e2e", now)
-            ttft, e2e = counterfactual(inst.engine, request, now, self.predictor.horizon_s)
+            ttft, e2e = counterfactual(inst.engine, request, now, self.predictor_of(inst.name).horizon_s)
             self.audit.append({"request_id": request.id, "instance": inst.name, "chosen": inst.name == decision.choice,
                                "predicted_ttft": pred.ttft, "predicted_e2e": pred.e2e,
                                "oracle_ttft": ttft, "oracle_e2e": e2e})
@@ -276,8 +312,24 @@ class _TtftGuard:
             raise _MissedSlo
 
 
+def slo_summary(records: pd.DataFrame, requests: Sequence[Request], rejected: Sequence[Request],
+                duration: float) -> dict:
+    """Goodput (requests per second that met their own SLOs, DistServe's definition) and attainment (the
+    share of all requests that did, rejected ones counted as missed). Without SLOs every finished request
+    counts as met."""
+    by_id = {r.id: r for r in requests}
+    met = 0
+    for rid, ttft, tpot in zip(records["request_id"], records["ttft"], records["tpot"], strict=True):
+        r = by_id[rid]
+        met += ((r.slo_ttft_s is None or ttft <= r.slo_ttft_s)
+                and (r.slo_tpot_s is None or not tpot > r.slo_tpot_s))  # tpot is nan for one-token answers
+    total = len(records) + len(rejected)
+    return {"goodput": met / duration if duration > 0 else float("nan"),
+            "slo_attainment": met / total if total else float("nan"), "rejected": len(rejected)}
+
+
 def run_policy(
-    spec: ClusterSpec,
+    spec: ClusterSpec | Fleet,
     policy_name: str,
     requests: Sequence[Request],
     *,
@@ -292,9 +344,11 @@ def run_policy(
     give_up_ttft: float | None = None,
 ) -> RunResult:
     """Simulate one policy on one workload and return per-request records and a summary. With
-    ``give_up_ttft`` the run stops as soon as its P99 TTFT is certain to exceed it (``gave_up``)."""
+    ``give_up_ttft`` the run stops as soon as its P99 TTFT is certain to exceed it (``gave_up``). Every
+    instance runs its own group's engine and timing, and is predicted by its own predictor."""
     honesty = honesty or Honesty()
-    policy = make_policy(policy_name, seed=seed, power_of_k=power_of_k, num_instances=spec.instances)
+    fleet = as_fleet(spec)
+    policy = make_policy(policy_name, seed=seed, power_of_k=power_of_k, num_instances=fleet.instances)
     reqs = list(requests)
     if policy.uses_length_estimates:
         if honesty.oracle_lengths:
@@ -305,11 +359,11 @@ def run_policy(
             raise ValueError(f"policy {policy_name!r} needs length estimates: pass a length estimator "
                              "or use oracle lengths (labelled oracle)")
         reqs = [dataclasses.replace(r, predicted_output_tokens=int(e)) for r, e in zip(reqs, estimates, strict=True)]
-    cfg = spec.engine_config()
-    world, predictor = _world_and_predictor(spec, honesty, prior, calibration_trace)
-    router = SimRouter(policy, predictor, honesty.state_interval, audit_every)
-    engines = [Engine(cfg, world, noise=honesty.noise, seed=seed * 1000 + i, name=f"instance-{i}")
-               for i in range(spec.instances)]
+    router = SimRouter(policy, instance_predictors(fleet, honesty, prior, calibration_trace), honesty.state_interval,
+                       audit_every)
+    members = fleet.members()
+    engines = [Engine(group.engine_config(), group.world_timing(), noise=honesty.noise, seed=seed * 1000 + i,
+                      name=name) for i, (name, group) in enumerate(members)]
     guard = _TtftGuard(router, give_up_ttft, len(reqs)) if give_up_ttft is not None else None
     cluster = Cluster(engines, guard or router)
     if guard is not None:
@@ -320,7 +374,9 @@ def run_policy(
         return RunResult(records_frame(cluster.result.finished), router.decisions_frame(),
                          {"completed": len(cluster.result.finished), "p99_ttft": math.inf}, gave_up=True)
     records = records_frame(result.finished)
-    summary = summarize(records)
+    records["group"] = records["instance"].map({name: g.label for name, g in members})
+    summary = summarize(records) if len(records) else {"completed": 0, "duration_s": 0.0}  # all rejected
+    summary.update(slo_summary(records, reqs, router.rejected, summary["duration_s"]))
     summary["decision_ms_mean"] = router.decision_seconds / max(1, len(reqs)) * 1e3
     queried = sum(e.prefix_query_tokens for e in engines)
     summary["prefix_hit_rate"] = sum(e.prefix_hit_tokens for e in engines) / queried if queried else float("nan")
@@ -343,7 +399,7 @@ class Scenario:
 class Study:
     """One offline experiment set-up: cluster, lengths, arrivals and what the predictor may know."""
 
-    spec: ClusterSpec
+    spec: ClusterSpec | Fleet
     lengths: str = "synthetic"  # "synthetic" (embedded), "alpaca", or a timed trace name for replay
     requests: int = 2000
     honesty: Honesty = field(default_factory=Honesty)
@@ -352,6 +408,7 @@ class Study:
     length_estimator: Callable[[Sequence[Request]], list[int]] | None = None
     audit_every: int = 0  # audit every k-th routing decision against counterfactuals (0: none)
     scenario: Scenario | None = None  # when given, it builds the workload and says what the predictor knows
+    slo_classes: tuple[SloClass, ...] = ()  # each request carries the SLOs of one, drawn by share
 
     def __post_init__(self) -> None:
         if self.scenario is not None:
@@ -365,10 +422,12 @@ class Study:
 
     def workload(self, qps: float, seed: int) -> list[Request]:
         if self.scenario is not None:
-            return self.scenario.build(qps, seed)
-        if self.replay:
-            return trace_workload(self.trace, self.requests, qps)
-        return poisson_workload(self.trace, self.requests, qps, seed)
+            reqs = self.scenario.build(qps, seed)
+        elif self.replay:
+            reqs = trace_workload(self.trace, self.requests, qps)
+        else:
+            reqs = poisson_workload(self.trace, self.requests, qps, seed)
+        return assign_slos(reqs, self.slo_classes, seed)
 
     def run(self, policy: str, qps: float, seed: int, give_up_ttft: float | None = None) -> RunResult:
         return run_policy(self.spec, policy, self.workload(qps, seed), prior=self.prior,
@@ -386,8 +445,8 @@ def compare(study: Study, policies: Sequence[str], qps_values: Sequence[float], 
             for seed in seeds:
                 s = study.run(policy, qps, seed).summary
                 rows.append({"policy": policy, "qps": qps, "seed": seed, "mode": study.honesty.label,
-                             **{k: s[k] for k in ("p50_ttft", "p99_ttft", "p50_e2e", "p99_e2e",
-                                                  "preemptions", "decision_ms_mean")}})
+                             **{k: s[k] for k in ("p50_ttft", "p99_ttft", "p50_e2e", "p99_e2e", "preemptions",
+                                                  "goodput", "slo_attainment", "rejected", "decision_ms_mean")}})
                 if progress is not None:
                     progress(f"{policy} qps={qps} seed={seed}")
     return pd.DataFrame(rows)
@@ -408,6 +467,32 @@ def capacity_table(study: Study, policies: Sequence[str], slos: Sequence[float],
             if progress is not None:
                 progress(f"{policy} slo={slo}s capacity={cap['capacity']:.2f}")
     return pd.DataFrame(rows)
+
+
+def attainment_capacity(study: Study, policy: str, goal: float, *, lo: float, hi: float, seeds: Sequence[int],
+                        rel_tol: float = 0.02) -> dict:
+    """Goodput as a capacity criterion (DistServe): the highest QPS at which at least ``goal`` of the
+    requests meet their own SLOs (rejected ones count as missed), by bisection per seed."""
+    if not 0 < goal <= 1:
+        raise ValueError(f"attainment goal must be in (0, 1], got {goal}")
+    per_seed = []
+    for seed in seeds:
+        def ok(qps: float, seed: int = seed) -> bool:
+            return study.run(policy, qps, seed).summary["slo_attainment"] >= goal
+
+        a, b = lo, hi
+        if not ok(a):
+            per_seed.append(0.0)
+            continue
+        if ok(b):
+            per_seed.append(b)
+            continue
+        while (b - a) / a > rel_tol:
+            mid = (a + b) / 2
+            a, b = (mid, b) if ok(mid) else (a, mid)
+        per_seed.append(a)
+    arr = np.asarray(per_seed)
+    return {"capacity": float(arr.mean()), "capacity_std": float(arr.std()), "per_seed": per_seed}
 
 
 class SimProvisioner:

@@ -14,13 +14,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 
 from block.policies import Candidate, Policy
-from block.predictor.core import Prediction
-from simulator.workload import Request
+from block.predictor.core import Prediction, Predictor
+from block.prefix_index import ApproximatePrefixIndex, BlockSet, ExactPrefixView, prompt_hashes
+from block.protocol import LoadSignals
+from simulator.engine import CachedRun, InstanceState
+from simulator.workload import LengthPrior, Request
 from store.schema import DecisionRow
 
 FALLBACKS = ("none", "partial", "all")
@@ -78,6 +81,51 @@ class RoutingDecision:
 
 
 PredictFn = Callable[[Candidate, Request, str], Prediction | None]
+
+
+@dataclass
+class StateView:
+    """What a router knows of one instance: a state (polled by the offline router, streamed by the side-car
+    to a live scheduler's mirror) with a view of its prefix cache, plus the requests this router sent there
+    that the state does not show yet. Both bodies build candidates and predictions here, so they cannot
+    drift apart."""
+
+    seen_at: float  # when the state was taken, on the router's clock
+    state: InstanceState
+    cache: ExactPrefixView | BlockSet  # offline: the state's own cache tree; live: the mirrored block set
+    pending: list[Request] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, state: InstanceState, seen_at: float) -> StateView:
+        return cls(seen_at, state, ExactPrefixView(state))
+
+    def candidate(self, name: str, prompt: tuple[int, ...], prior: LengthPrior, source: str | None,
+                  index: ApproximatePrefixIndex | None = None) -> Candidate:
+        """The instance as a policy sees it; ``source``: the prefix knowledge the policy reads (exact: this
+        state's cache; approximate: the router's own ``index``; None: none)."""
+        signals = LoadSignals.from_state(self.state, prior, self.pending, self.cache)
+        if source == "exact":
+            matched, tree = self.cache.match(prompt), self.cache.size
+        elif source == "approximate" and index is not None:
+            matched, tree = index.match(name, prompt), index.size(name)
+        else:
+            return Candidate(name, signals, len(self.pending))
+        return Candidate(name, signals, len(self.pending), matched_blocks=matched, prompt_blocks=len(prompt),
+                         tree_blocks=tree, prefix_source=source)
+
+    def predict(self, predictor: Predictor, name: str, request: Request, target: str, now: float,
+                with_impact: bool = False) -> Prediction:
+        """The what-if on this instance at ``now`` (on the state's clock), the unseen dispatches queued first;
+        ``with_impact``: also the delay it adds to the requests there (policies that ask, ``wants_impact``).
+        Live, the cache arrives as a block set rather than the engine's tree: the fork gets the candidate's
+        own hit as one cached (evictable) run."""
+        state = self.state
+        if isinstance(self.cache, BlockSet):
+            hit = self.cache.match(prompt_hashes(request, state.config.block_size))
+            if hit:
+                state = dataclasses.replace(state, cached=[CachedRun(None, tuple(request.block_hashes[:hit]), 0, 0)])
+        return predictor.predict(state, request, target=target, now=now, instance=name, extra=self.pending,
+                                 with_impact=with_impact)
 
 
 class Router:

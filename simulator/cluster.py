@@ -1,8 +1,10 @@
 """Event loop over many engines with a routing callback and an optional provisioner.
 
 The simulator knows nothing of policies: ``router(request, instances, now)`` returns the name of the
-instance to send a request to (block.policies adapts its policies to that). A provisioner, if given, is
-called every ``provisioner.period`` seconds with a :class:`ClusterView` and answers with actions.
+instance to send a request to (block.policies adapts its policies to that), or None to reject it (early
+rejection: it is counted in ``ClusterResult.rejected`` and never served). Engines may differ from one
+instance to the next (a heterogeneous fleet: each its own configuration and timing model). A provisioner,
+if given, is called every ``provisioner.period`` seconds with a :class:`ClusterView` and answers with actions.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Instance:
         return self.ready_at <= now and self.stopped_at is None
 
 
-Router = Callable[[Request, Sequence[Instance], float], str]
+Router = Callable[[Request, Sequence[Instance], float], "str | None"]
 
 
 @dataclass
@@ -74,6 +76,7 @@ class ClusterView:
 class ClusterResult:
     finished: list[tuple[str, object]] = field(default_factory=list)  # (instance name, engine.Seq)
     provisioning: list[ProvisioningEvent] = field(default_factory=list)
+    rejected: list[Request] = field(default_factory=list)  # requests the router refused
     instance_seconds: float = 0.0
     end_time: float = 0.0
 
@@ -169,9 +172,12 @@ class Cluster:
                 inst for inst in self.instances if inst.is_ready(t) and not inst.draining]
             if not candidates:
                 raise RuntimeError(f"no ready instance at t={t:.3f}s for request {req.id}")
-            target = self.by_name(self.router(req, candidates, t))
-            target.engine.add_request(req)
             self.arrivals.append(req.arrival)
+            choice = self.router(req, candidates, t)
+            if choice is None:
+                self.result.rejected.append(req)
+            else:
+                self.by_name(choice).engine.add_request(req)
             if progress is not None and i % 256 == 0:
                 progress(i)
         while ticks and any(inst.engine.running or inst.engine.waiting for inst in self.instances):

@@ -30,6 +30,8 @@ class Request:
     predicted_output_tokens: int | None = None
     prompt: str | None = None
     block_hashes: tuple[int, ...] = ()  # chained hashes of its full KV blocks (prompt, then answer if known)
+    slo_ttft_s: float | None = None  # the request's own latency objectives (x-slo-ttft-ms / a named class)
+    slo_tpot_s: float | None = None
 
     def __post_init__(self) -> None:
         validate_lengths(self.prompt_tokens, self.output_tokens, where=f"request {self.id}")
@@ -361,6 +363,12 @@ class LengthPrior:
         self._sorted = arr.tolist()
         self.median = int(np.median(arr))
         self.mean = round(float(arr.mean()))
+        self._remaining: dict[int, int] = {}  # remaining() by tokens generated: load signals ask per request
+
+    @property
+    def lengths(self) -> list[int]:
+        """The sorted lengths, so that another process can rebuild this exact prior."""
+        return list(self._sorted)
 
     @classmethod
     def embedded(cls) -> LengthPrior:
@@ -381,11 +389,15 @@ class LengthPrior:
 
     def remaining(self, generated: int) -> int:
         """Median further tokens of a request that has generated ``generated`` so far (>= 1)."""
+        known = self._remaining.get(generated)
+        if known is not None:
+            return known
         s = self._sorted
         i = bisect.bisect_right(s, generated)
-        if i >= len(s):
-            return max(1, generated // 4)  # beyond anything seen: assume a modest tail
-        return max(1, s[(i + len(s) - 1) // 2] - generated)
+        # beyond anything seen: assume a modest tail
+        out = max(1, generated // 4) if i >= len(s) else max(1, s[(i + len(s) - 1) // 2] - generated)
+        self._remaining[generated] = out
+        return out
 
 
 def lengths_source(name: str, seed: int) -> tuple[Trace, LengthPrior]:

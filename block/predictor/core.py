@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from simulator.engine import Engine, EngineConfig, InstanceState
 from simulator.timing import TimingModel
@@ -30,6 +30,15 @@ class Prediction:
     state_age: float  # how old the state was when the prediction was made
     horizon_hit: bool  # True when the fork stopped at the horizon: latencies are lower bounds
     compute_ms: float = 0.0
+    output_tokens: int = 0  # the response length the prediction assumed (estimate or prior median)
+    # prompt tokens the candidate finds cached when the fork first schedules it: its prefix hit here as the
+    # cache will be then (prefixes of requests queued ahead count once computed, evicted blocks do not)
+    hit_tokens: int = 0
+
+    @property
+    def tpot(self) -> float:
+        """Predicted seconds per output token after the first (what a TPOT SLO bounds)."""
+        return (self.e2e - self.ttft) / max(1, self.output_tokens - 1)
 
     def value(self, target: str) -> float:
         if target not in TARGETS:
@@ -38,6 +47,13 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def in_wall_seconds(self, time_scale: float) -> Prediction:
+        """This prediction for an engine emulated ``time_scale`` times faster than real time, in real seconds."""
+        if time_scale == 1.0:
+            return self
+        return replace(self, **{k: getattr(self, k) / time_scale
+                                for k in ("ttft", "e2e", "queueing", "added_delay", "state_age")})
 
 
 @dataclass
@@ -104,7 +120,8 @@ class Predictor:
         if timed_extra:
             arrival = max(arrival, candidate.arrival)
         eng.advance(arrival)
-        cand = eng.add_request(self._as_seen(candidate, arrival, state.config))
+        seen = self._as_seen(candidate, arrival, state.config)
+        cand = eng.add_request(seen)
         ttft_only = target == "ttft"
         min_free = eng.run_for(cand, first_token_only=ttft_only, limit=arrival + self.horizon_s)
         hit = cand.finish_time is None and not (ttft_only and cand.first_token is not None)
@@ -125,6 +142,8 @@ class Predictor:
             state_age=max(0.0, now - state.clock),
             horizon_hit=hit,
             compute_ms=(time.perf_counter() - t0) * 1e3,
+            output_tokens=seen.output_tokens,
+            hit_tokens=cand.hit_blocks * state.config.block_size,
         )
 
     def _added_delay(self, state: InstanceState, with_cand: Engine, arrival: float,
@@ -139,7 +158,4 @@ class Predictor:
         before = {s.id: s.finish_time for s in base.finished}
         after = {s.id: s.finish_time for s in with_cand.finished}
         return float(sum(after.get(i, end) - t for i, t in before.items()))
-
-    def predict_many(self, state: InstanceState, candidates: Sequence[Request], **kwargs) -> list[Prediction]:
-        return [self.predict(state, c, **kwargs) for c in candidates]
 
