@@ -24,8 +24,13 @@ parameter (s = 16) and is labelled so. Hit rate, goodput (requests/s meeting the
 those of each policy's run at its own capacity.
 Full: 8 instances (chat: 4), 3,000 b2b-saas requests, 60 s of chat session starts, the whole Mooncake trace
 (3,993 requests), 3 seeds, a 3% search tolerance. --quick (CI size, a smoke test: its chat runs end before
-sessions reach a steady state): 4 instances (chat: 2), 500 requests / 20 s / 600 requests, 1 seed, a 10%
-search tolerance, and of the load heuristics only the two strongest (least_requests, least_tokens).
+sessions reach a steady state): 4 instances (chat: 2), 500 requests / 10 s / 600 requests, 1 seed, a 10%
+search tolerance, of the load heuristics only the two strongest (least_requests, least_tokens) and of
+Block's variants block_ttft and block_prefix.
+Block's variants: block (least predicted E2E), block_ttft (least predicted TTFT) and block_prefix (least
+predicted TTFT plus the prefill a choice recomputes that another instance is predicted to hit).
+A study too long for one sitting runs in parts (``--scenarios``, ``--seeds``, ``--policies``: each part saves
+its own CSV in --out) and ``--merge`` runs nothing and reports over every part saved there.
 """
 
 from __future__ import annotations
@@ -39,17 +44,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from simulator_speed import prefix_heavy_speed  # a sibling script: benchmarks/ is on sys.path
 
 from block.offline import ClusterSpec, Scenario, Study
 from block.policies import HEURISTICS, PEERS, TUNED
 from simulator.data import data_dir
-from simulator.engine import Engine, EngineConfig
-from simulator.hardware import get_gpu, get_model, num_kv_blocks
+from simulator.hardware import get_model
 from simulator.metrics import percentile, summarize
-from simulator.timing import Roofline
 from simulator.workload import (
     ChatShape,
     LengthPrior,
@@ -62,8 +67,9 @@ from simulator.workload import (
 )
 
 MODEL = "Qwen2-7B"
-BLOCK_VARIANTS = ("block", "block_ttft")
+BLOCK_VARIANTS = ("block", "block_ttft", "block_prefix")
 QUICK_HEURISTICS = ("least_requests", "least_tokens")
+QUICK_BLOCK_VARIANTS = ("block_ttft", "block_prefix")  # block (E2E) is the slowest to run and never the best here
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ def settings(quick: bool) -> list[Setting]:
     (3.8 s). Chat is light per request, so its runs hold many requests: it gets half the instances."""
     n = 4 if quick else 8
     out = [Setting("shared_prefix", n, 500 if quick else 3000, 2.0, 2.5),
-           Setting("chat", n // 2, 0, 1.0, 8.0, duration_s=20.0 if quick else 60.0)]
+           Setting("chat", n // 2, 0, 1.0, 8.0, duration_s=10.0 if quick else 60.0)]
     if data_dir() is not None:
         out.append(Setting("mooncake", n, 600 if quick else 3993, 10.0, 0.8))
     return out
@@ -197,41 +203,56 @@ def _capacity(job: tuple[Setting, str, int, bool]) -> dict:
             "wall_s": time.perf_counter() - t0}
 
 
-def engine_speed() -> float:
-    """Simulated requests per second of one A100-80G Qwen2-7B engine on the b2b-saas shape (2,000 requests,
-    5 QPS, prefix caching on): the issue's prefix-heavy speed target, best of three."""
-    gpu, model = get_gpu("A100-80G"), get_model(MODEL)
-    config = EngineConfig(num_blocks=num_kv_blocks(gpu, model), max_num_seqs=128, max_num_batched_tokens=512,
-                          max_model_len=model.max_context)
-    requests = shared_prefix_workload(SharedPrefixShape(), 2000, 5.0, 0)
-    best = math.inf
-    for _ in range(3):
-        engine = Engine(config, Roofline(gpu, model))
-        t0 = time.perf_counter()
-        for r in requests:
-            engine.advance(r.arrival)
-            engine.add_request(r)
-        engine.advance()
-        best = min(best, time.perf_counter() - t0)
-    return len(requests) / best
-
-
 def _kind(policy: str) -> str:
     if policy in BLOCK_VARIANTS:
         return "block"
     return "tuned peer" if policy in TUNED else "peer" if policy in PEERS else "heuristic"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="CI size: 4 instances, 1 seed, short runs")
-    parser.add_argument("--out", default="results/prefix_study", help="folder for the CSV files")
-    args = parser.parse_args()
-    t0 = time.time()
-    quick = args.quick
-    seeds = (0,) if quick else (0, 1, 2)
-    scenario_settings = settings(quick)
-    policies = [*(QUICK_HEURISTICS if quick else HEURISTICS), *PEERS, *BLOCK_VARIANTS]
+def _report(caps: pd.DataFrame, scenario_settings: list[Setting]) -> pd.DataFrame:
+    """Print each scenario's capacity table; return Block's best variant against the best peer per scenario."""
+    rows = []
+    for s in scenario_settings:
+        mine = caps[caps.scenario == s.name]
+        if mine.empty:
+            continue
+        table = mine.groupby("policy", sort=False)[["capacity_qps", "p99_ttft", "hit_rate", "goodput"]].mean()
+        table.insert(1, "capacity_std", mine.groupby("policy", sort=False)["capacity_qps"].std(ddof=0))
+        table.insert(2, "seeds", mine.groupby("policy", sort=False)["seed"].nunique())
+        table["kind"] = [_kind(p) for p in table.index]
+        table = table.sort_values("capacity_qps", ascending=False)
+        size = f"{s.duration_s:g} s of sessions" if s.duration_s else f"{s.requests} requests"
+        print(f"\n{s.name}: {s.instances} x A100-40G {MODEL}, {size} per run, SLO P99 TTFT <= "
+              f"{s.slo_ttft_s:g} s; capacity in QPS; p99_ttft, hit_rate, goodput of the run at that capacity")
+        print(table.round(3).to_string())
+        peers = table.loc[[p for p in PEERS if p in table.index], "capacity_qps"]
+        blocks = table.loc[[p for p in BLOCK_VARIANTS if p in table.index], "capacity_qps"]
+        if peers.empty or blocks.empty:
+            continue
+        best_peer, best_block = peers.idxmax(), blocks.idxmax()
+        gain = (blocks[best_block] / peers[best_peer] - 1) * 100 if peers[best_peer] > 0 else math.inf
+        rows.append({"scenario": s.name, "best_peer": best_peer, "peer_capacity": peers[best_peer],
+                     "best_block": best_block, "block_capacity": blocks[best_block], "gain_pct": gain,
+                     "hit_rate_block": table.loc[best_block, "hit_rate"],
+                     "hit_rate_peer": table.loc[best_peer, "hit_rate"]})
+    columns = ["scenario", "best_peer", "peer_capacity", "best_block", "block_capacity", "gain_pct",
+               "hit_rate_block", "hit_rate_peer"]
+    return pd.DataFrame(rows, columns=columns).set_index("scenario")
+
+
+def _merged(folder: str, quick: bool) -> pd.DataFrame:
+    """Every capacity piece saved in ``folder`` for this size, the newest row per (scenario, policy, seed)."""
+    prefix = "capacity_quick_" if quick else "capacity_full_"
+    pieces = sorted(Path(folder).glob(f"{prefix}*.csv"), key=lambda f: f.stat().st_mtime)
+    if not pieces:
+        raise SystemExit(f"--merge: no {prefix}*.csv in {folder}")
+    caps = pd.concat([pd.read_csv(f) for f in pieces], ignore_index=True)
+    return caps.drop_duplicates(["scenario", "policy", "seed"], keep="last")
+
+
+def _run(scenario_settings: list[Setting], policies: list[str], seeds: tuple[int, ...], quick: bool,
+         t0: float) -> pd.DataFrame:
+    """Every capacity search of this part, on all cores."""
     jobs = [(s, p, seed, quick) for s in scenario_settings for p in policies for seed in seeds]
     jobs.sort(key=lambda j: j[1] not in BLOCK_VARIANTS)  # the longest first, for an even spread over workers
     done = []
@@ -240,37 +261,60 @@ def main() -> None:
             done.append(row)
             print(f"[{len(done)}/{len(jobs)} {time.time() - t0:.0f} s] {row['scenario']} {row['policy']} seed "
                   f"{row['seed']}: {row['capacity_qps']:.2f} QPS", file=sys.stderr, flush=True)
-    caps = pd.DataFrame(done)
-    speed = engine_speed()
+    return pd.DataFrame(done)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI size: 4 instances, 1 seed, short runs")
+    parser.add_argument("--out", default="results/prefix_study", help="folder for the CSV files")
+    parser.add_argument("--scenarios", default="", help="comma-separated subset of the scenarios (default: all)")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds (default: 0 with --quick, else 0,1,2)")
+    parser.add_argument("--policies", default="", help="comma-separated subset of the policies (default: all)")
+    parser.add_argument("--merge", action="store_true",
+                        help="run nothing: report over every part saved in --out for this size")
+    args = parser.parse_args()
+    t0 = time.time()
+    quick = args.quick
+    seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else (0,) if quick else (0, 1, 2)
+    available = settings(quick)
+    wanted = args.scenarios.split(",") if args.scenarios else [s.name for s in available]
+    unknown = sorted(set(wanted) - {s.name for s in available})
+    if unknown:
+        raise SystemExit(f"--scenarios: unknown or unavailable {unknown}; available: {[s.name for s in available]}")
+    scenario_settings = [s for s in available if s.name in wanted]
+    policies = [*(QUICK_HEURISTICS if quick else HEURISTICS), *PEERS,
+                *(QUICK_BLOCK_VARIANTS if quick else BLOCK_VARIANTS)]
+    if args.policies:
+        unknown = sorted(set(args.policies.split(",")) - set(policies))
+        if unknown:
+            raise SystemExit(f"--policies: unknown {unknown}; this study runs {policies}")
+        policies = [p for p in policies if p in args.policies.split(",")]
+    if args.merge:
+        caps = _merged(args.out, quick)
+        scenario_settings = [s for s in available if s.name in set(caps.scenario)]
+        out = args.out
+    else:
+        caps = _run(scenario_settings, policies, seeds, quick, t0)
+        os.makedirs(args.out, exist_ok=True)
+        part = f"{'-'.join(wanted)}_seeds{'-'.join(map(str, seeds))}" + (
+            f"_{args.policies.replace(',', '-')}" if args.policies else "")
+        out = os.path.join(args.out, f"capacity_{'quick' if quick else 'full'}_{part}.csv")
+        caps.to_csv(out, index=False)
+    speed, _ = prefix_heavy_speed()
 
     print(__doc__.split("\n\n")[0])
-    print(f"mode honest; seeds {seeds}; {len(caps)} capacity searches, {caps['runs'].sum()} simulated runs")
+    print(f"mode honest; seeds {sorted(set(caps.seed))}; {len(caps)} capacity searches, {caps['runs'].sum()} "
+          f"simulated runs{' (merged from the pieces in ' + args.out + ')' if args.merge else ''}")
     if data_dir() is None:
         print("mooncake: skipped (BLOCK_DATA_DIR is not set and the trace is not embedded)")
-    rows = []
-    for s in scenario_settings:
-        mine = caps[caps.scenario == s.name]
-        table = mine.groupby("policy", sort=False)[["capacity_qps", "p99_ttft", "hit_rate", "goodput"]].mean()
-        table.insert(1, "capacity_std", mine.groupby("policy", sort=False)["capacity_qps"].std(ddof=0))
-        table["kind"] = [_kind(p) for p in table.index]
-        table = table.sort_values("capacity_qps", ascending=False)
-        size = f"{s.duration_s:g} s of sessions" if s.duration_s else f"{s.requests} requests"
-        print(f"\n{s.name}: {s.instances} x A100-40G {MODEL}, {size} per run, SLO P99 TTFT <= "
-              f"{s.slo_ttft_s:g} s; capacity in QPS; p99_ttft, hit_rate, goodput of the run at that capacity")
-        print(table.round(3).to_string())
-        peers, blocks = table.loc[list(PEERS), "capacity_qps"], table.loc[list(BLOCK_VARIANTS), "capacity_qps"]
-        best_peer, best_block = peers.idxmax(), blocks.idxmax()
-        gain = (blocks[best_block] / peers[best_peer] - 1) * 100 if peers[best_peer] > 0 else math.inf
-        rows.append({"scenario": s.name, "best_peer": best_peer, "peer_capacity": peers[best_peer],
-                     "best_block": best_block, "block_capacity": blocks[best_block], "gain_pct": gain,
-                     "hit_rate_block": table.loc[best_block, "hit_rate"],
-                     "hit_rate_peer": table.loc[best_peer, "hit_rate"]})
-    summary = pd.DataFrame(rows).set_index("scenario")
+    summary = _report(caps, scenario_settings)
+    if summary.empty:
+        print(f"\nno scenario here has both a peer and a Block variant: a part of the study, saved in {out}; "
+              "--merge reports once the other parts are saved")
+        return
     print("\nBlock's best honest variant against the best peer (peers include the tuned dynamo_s16)")
     print(summary.round(3).to_string())
-    out = os.path.join(args.out, "capacity_quick.csv" if quick else "capacity.csv")
-    os.makedirs(args.out, exist_ok=True)
-    caps.to_csv(out, index=False)
     best = str(summary["gain_pct"].idxmax())
     worst = float(summary["gain_pct"].min())
     b = summary.loc[best]

@@ -298,6 +298,7 @@ class Seq:
         "generated",
         "hashes",
         "held",
+        "hit_blocks",
         "id",
         "in_decode",
         "node",
@@ -315,6 +316,7 @@ class Seq:
         self.id = rid
         self.hashes = hashes  # chained hashes of full blocks (prompt, then answer when known)
         self.held = 0  # leading blocks held as shared prefix-cache entries
+        self.hit_blocks = 0  # leading blocks it found cached when first scheduled (its prefix hit)
         self.node: _Run | None = None  # the deepest run it holds (its held blocks are the path to it)
         self.arrival = arrival
         self.prompt = prompt
@@ -753,6 +755,7 @@ class Engine:
                     if s.first_scheduled is None:
                         self.prefix_query_tokens += s.prompt
                         self.prefix_hit_tokens += hits * bs
+                        s.hit_blocks = hits
                 elif s.first_scheduled is None:
                     self.prefix_query_tokens += s.prompt
                 chunk = s.prompt + s.generated - s.computed

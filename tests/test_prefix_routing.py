@@ -7,7 +7,7 @@ import pytest
 
 from block.offline import ClusterSpec, Honesty, Scenario, SimRouter, Study
 from block.policies import PEERS, Candidate, make_policy
-from block.predictor.core import Predictor
+from block.predictor.core import Prediction, Predictor
 from block.prefix_index import ApproximatePrefixIndex, ExactPrefixView, prompt_hashes
 from block.protocol import LoadSignals
 from simulator.cluster import Cluster
@@ -225,7 +225,7 @@ def _small_shared_prefix_study() -> Study:
 
 def test_every_cache_aware_policy_runs_offline_and_finishes_every_request():
     study = _small_shared_prefix_study()
-    for name in (*PEERS, "block", "block_ttft", "least_tokens"):
+    for name in (*PEERS, "block", "block_ttft", "block_prefix", "least_tokens"):
         result = study.run(name, 6.0, 0)
         assert len(result.records) == 80 and result.records["request_id"].is_unique, name
         assert 0.0 < result.summary["prefix_hit_rate"] < 1.0, name
@@ -244,3 +244,44 @@ def test_block_predicts_a_warm_instance_faster_than_a_cold_one_for_a_long_shared
     hot = predictor.predict(warm.snapshot(), candidate, target="ttft")
     fresh = predictor.predict(cold.snapshot(), candidate, target="ttft")
     assert hot.ttft < fresh.ttft / 5  # 200 uncached tokens instead of 8,200
+
+
+def test_a_prediction_counts_the_hit_the_candidate_will_find_when_it_is_scheduled():
+    """The prefix of a request dispatched ahead (not yet in the state, nothing cached) is a hit for the
+    candidate once computed; the exact view of the state cannot show it, the fork does."""
+    cfg = EngineConfig(num_blocks=20_000, max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=32768)
+    system = [(1, 8000)]
+    state = Engine(cfg, TIMING).snapshot()
+    ahead = Request(0, 0.0, 8100, 20, block_hashes=segment_hashes([*system, (2, 100)]))
+    candidate = Request(1, 0.0, 8200, 50, block_hashes=segment_hashes([*system, (3, 200)]))
+    predictor = Predictor(TIMING, PRIOR, label="test")
+    alone = predictor.predict(state, candidate, target="ttft")
+    behind = predictor.predict(state, candidate, target="ttft", extra=[ahead])
+    assert ExactPrefixView(state).match(prompt_hashes(candidate, 16)) == 0
+    assert alone.hit_tokens == 0
+    # admitted with the 2,048-token budget left by the request ahead's last chunk: it finds the three chunks
+    # that request computed before, as vLLM would (blocks count once computed, not once queued)
+    assert behind.hit_tokens == 3 * 2048
+    assert behind.ttft < alone.ttft + (behind.queueing - alone.queueing)  # the hit shortens its own prefill
+
+
+def _ttft_prediction(name, ttft, queueing, hit_tokens):
+    return Prediction(name, ttft, float("nan"), queueing, float("nan"), 0.0, 0, 0.0, False, hit_tokens=hit_tokens)
+
+
+def test_block_prefix_charges_a_move_the_prefill_it_recomputes():
+    policy = make_policy("block_prefix")
+    request = Request(1, 0.0, 7200, 100)
+
+    def choose(warm_ttft, cold_ttft=0.55, warm_hit=6000, cold_hit=0):
+        cands = [cand("warm"), cand("cold")]
+        cands[0].predictions["ttft"] = _ttft_prediction("warm", warm_ttft, warm_ttft - 0.1, warm_hit)
+        cands[1].predictions["ttft"] = _ttft_prediction("cold", cold_ttft, 0.0, cold_hit)
+        return policy.choose(request, cands), make_policy("block_ttft").choose(request, cands)
+
+    # cold is 50 ms faster for the newcomer, but recomputes 6,000 cached tokens: 0.55 + 6000/7200 * 0.55 s
+    assert choose(0.6) == ("warm", "cold")
+    assert choose(1.2) == ("cold", "cold")  # a queue longer than the recompute costs: move
+    assert choose(0.6, warm_hit=0) == ("cold", "cold")  # nobody hits: plain least predicted TTFT
+    nobody = [cand("a", sig(running=3)), cand("b", sig(running=1))]
+    assert policy.choose(request, nobody) == "b"  # no prediction answered: least_requests
