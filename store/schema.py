@@ -157,8 +157,42 @@ class ServiceEventRow(Row):
     detail: str = ""
 
 
+@dataclass(kw_only=True)
+class SweepCellRow(Row):
+    """One finished cell of a sweep (workbench.sweep): what it ran and its headline numbers; the per-request
+    records are in its run folder. ``run_id`` is the sweep's name and ``cell`` a hash of the cell's config,
+    so a rerun of a sweep sees which cells it already holds and skips them."""
+
+    TABLE = "sweep_cells"
+    PRIMARY_KEY = ("run_id", "cell")
+
+    cell: str
+    policy: str
+    workload: str
+    preset: str
+    instances: int
+    max_num_seqs: int | None  # None: a fleet whose groups differ
+    max_num_batched_tokens: int | None
+    qps: float
+    seed: int
+    mode: str  # what the predictor knew: honest, oracle-lengths, oracle-timing
+    config: str  # the whole cell config, JSON
+    gave_up: bool  # stopped once its P99 TTFT was certain to miss the cell's give-up bound
+    completed: int
+    p50_ttft: float | None
+    p99_ttft: float | None
+    p50_e2e: float | None
+    p99_e2e: float | None
+    goodput: float | None  # requests/s within the cell's SLOs (None without SLOs)
+    request_throughput: float | None
+    preemptions: int | None
+    wall_s: float
+    finished_at: float
+    folder: str = ""
+
+
 ROWS: tuple[type[Row], ...] = (RunRow, RequestRow, DecisionRow, CounterfactualRow, InstanceSampleRow,
-                               ProvisioningRow, ServiceEventRow)
+                               ProvisioningRow, ServiceEventRow, SweepCellRow)
 
 
 def _duck_type(annotation: object) -> str:

@@ -38,6 +38,7 @@ from store.schema import (
     Row,
     RunRow,
     ServiceEventRow,
+    SweepCellRow,
 )
 from tests.servers import serve
 from workbench.cluster import free_port
@@ -63,6 +64,10 @@ def every_table(i: int) -> list[Row]:
         ProvisioningRow(run_id=run, ts=t, action="add", instance="i1", reason="forecast", signal="qps", value=9.0,
                         threshold=8.0, status="ok", instances=2),
         ServiceEventRow(run_id=run, ts=t, service="collector", host="localhost", event="started"),
+        SweepCellRow(run_id=run, cell=f"c{i}", policy="block", workload="synthetic", preset="demo", instances=4,
+                     max_num_seqs=64, max_num_batched_tokens=512, qps=4.0, seed=0, mode="honest", config="{}",
+                     gave_up=False, completed=10, p50_ttft=0.1, p99_ttft=0.2, p50_e2e=1.0, p99_e2e=2.0, goodput=None,
+                     request_throughput=4.0, preemptions=0, wall_s=0.5, finished_at=t),
     ]
     assert [r.TABLE for r in rows] == list(TABLES)
     return rows
