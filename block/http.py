@@ -39,14 +39,16 @@ def proxy_session(headers: Mapping[str, str] | None = None) -> aiohttp.ClientSes
 
 
 @contextlib.asynccontextmanager
-async def background(job: Coroutine) -> AsyncIterator[None]:
-    task = asyncio.create_task(job)
+async def background(*jobs: Coroutine) -> AsyncIterator[None]:
+    tasks = [asyncio.create_task(job) for job in jobs]
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 class ClientGone(Exception):
@@ -293,7 +295,7 @@ def run_server(app: Any, host: str, port: int, *, graceful_timeout_s: float,
                 on_signal()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=graceful_timeout_s)
     server = Server(config)
     server.run()

@@ -9,6 +9,10 @@ instance, per instance an LRU set bounded by the instance's KV blocks, as llm-d'
 index (per-pod LRU auto-sized from ``num_gpu_blocks``), SGLang's router radix tree, AIBrix and Preble keep
 it. It never sees evictions, answers or other routers' traffic; it only knows what it routed.
 
+**Live**, a side-car learns its instance's cached blocks exactly from the engine (the emulator's
+``/kv_cache``, as vLLM's KV events would give them) or, for an engine that shows none, approximately from
+the prompts it proxied; it streams them to the schedulers as changes of a ``BlockSet``.
+
 Both count leading full blocks of the request's *prompt* (its hashes up to ``prompt_tokens //
 block_size``): an answer's blocks are the future, which no router may read.
 """
@@ -16,7 +20,7 @@ block_size``): an answer's blocks are the future, which no router may read.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from simulator.engine import CachedRun, InstanceState
 from simulator.workload import Request
@@ -62,6 +66,10 @@ class ApproximatePrefixIndex:
         members = self._sets.get(instance)
         return len(members) if members else 0
 
+    def members(self, instance: str) -> Collection[int]:
+        """The block hashes indexed for the instance (a live view)."""
+        return self._sets.setdefault(instance, OrderedDict()).keys()
+
     def record(self, instance: str, hashes: Sequence[int], capacity: int) -> None:
         """The router sent a prompt with these block hashes to ``instance``."""
         if capacity < 1:
@@ -100,3 +108,44 @@ class ExactPrefixView:
                 return j
             depth, parent = j, run.hashes[0]
         return depth
+
+
+class BlockSet:
+    """The cached prefix blocks of one instance as a set of chained hashes: what a side-car knows of its
+    engine's cache and streams to the schedulers as changes (blocks stored, blocks removed), the way vLLM's
+    KV events let llm-d and Dynamo mirror an engine's cache. A request hits the leading blocks of its chain
+    that are members."""
+
+    def __init__(self, members: Collection[int] | None = None):
+        self.members: Collection[int] = set() if members is None else members
+        self.version = 0  # bumped on every change, so a stream sends changes only when there are some
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    def match(self, hashes: Sequence[int]) -> int:
+        n = 0
+        for h in hashes:
+            if h not in self.members:
+                break
+            n += 1
+        return n
+
+    def replace(self, hashes: Iterable[int]) -> None:
+        new = set(hashes)
+        if new != self.members:
+            self.members = new
+            self.version += 1
+
+    def apply(self, added: Iterable[int], removed: Iterable[int], reset: bool = False) -> None:
+        members = set() if reset else set(self.members)
+        members.difference_update(removed)
+        members.update(added)
+        self.members = members
+        self.version += 1
+
+    def changes(self, sent: set[int]) -> tuple[list[int], list[int], set[int]]:
+        """(added, removed) since a reader was sent ``sent``, and what it has after them."""
+        now = set(self.members)
+        return list(now - sent), list(sent - now), now

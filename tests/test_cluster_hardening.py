@@ -259,6 +259,31 @@ def test_crashed_services_are_restarted_with_back_off_and_recorded(tmp_path):
     asyncio.run(go())
 
 
+def test_a_restarted_scheduler_is_told_the_policy_and_drains_again(tmp_path):
+    policy = RestartPolicy(first_delay=0.2, max_delay=5.0, max_restarts=3, window=300.0, poll_interval=0.1)
+    spec = ClusterSpec.local(2, EngineSettings(time_scale=20.0), "round_robin", tmp_path / "ws")
+    cluster = Cluster(spec, run_id="retell", ready_timeout=60.0, restart_policy=policy)
+
+    async def go():
+        await cluster.start()
+        try:
+            await cluster.set_policy("least_requests")
+            await cluster.drain_instance("instance-0")
+            os.kill(cluster.started["scheduler"].pid, signal.SIGKILL)
+
+            async def back() -> bool:
+                status = (await cluster.status())["scheduler"]
+                return status["restarts"] == 1 and status["alive"] and not status["restarting"]
+            await wait_for(back, what="the scheduler's restart")
+            assert (await cluster.admin("GET", "/admin/policy"))["policy"] == "least_requests"
+            listed = {i["name"]: i["status"] for i in await cluster.admin("GET", "/admin/instances")}
+            assert listed["instance-0"] == "draining"
+        finally:
+            await cluster.stop()
+
+    asyncio.run(go())
+
+
 async def _routable(cluster: Cluster) -> bool:
     async with aiohttp.ClientSession() as http, http.get(cluster.scheduler_url + "/health") as r:
         return r.status == 200

@@ -26,6 +26,7 @@ from block.http import ClientGone, until_disconnected
 from block.predictor import build_predictor
 from block.predictor.service import InstanceTracker, SideCar
 from block.predictor.service import build_app as sidecar_app
+from block.prometheus import sample_value
 from block.scheduler import app as scheduler_module
 from block.scheduler.app import Scheduler, Timeouts
 from block.scheduler.app import build_app as scheduler_app
@@ -121,8 +122,8 @@ def test_a_hung_side_car_costs_a_request_at_most_the_timeout_then_is_ejected(tmp
         assert listed["hung"]["ejected"] and 25 < listed["hung"]["ejected_for_s"] <= 30
         assert "first byte timeout" in listed["hung"]["ejected_reason"] and not listed["i0"]["ejected"]
         metrics = httpx.get(url + "/metrics").text
-        assert 'block:scheduler_ejections_total{instance="hung"} 1' in metrics
-        assert 'block:scheduler_upstream_timeouts_total{kind="first_byte"} 3' in metrics
+        assert sample_value(metrics, "block:scheduler_ejections_total", {"instance": "hung"}) == 1
+        assert sample_value(metrics, "block:scheduler_upstream_timeouts_total", {"kind": "first_byte"}) == 3
         retried = rows(collector, "retries = 1")
         assert len(retried) == 3 and set(retried["status"]) == {"ok"}
         assert retried["error"].str.contains("hung: first byte timeout: no token within 0.5 s").all()
@@ -200,6 +201,20 @@ def test_registry_ejects_like_envoy_and_never_the_last_instance():
     assert 19 < a.ejected_until - time.monotonic() <= 20 and a.ejections_total == 4  # 3 - 2 decayed, + 1
     with pytest.raises(ValueError, match="base ejection"):
         OutlierDetection(base_ejection_s=30, max_ejection_s=10)
+    with pytest.raises(ValueError, match="max ejection percent"):
+        OutlierDetection(max_ejection_percent=150)
+
+
+def test_at_most_max_ejection_percent_of_the_instances_are_ejected_at_once():
+    reg = Registry({n: f"http://{n}" for n in "abcdef"}, outliers=OutlierDetection(consecutive_gateway_failure=1,
+                                                                                    max_ejection_percent=34))
+    for name in "abc":
+        reg.failed(reg[name], "connection refused", gateway=True)
+    assert [n for n in "abcdef" if reg[n].ejected()] == ["a", "b"]  # a third would be 50% > 34%
+    lone = Registry({n: f"http://{n}" for n in "abcd"}, outliers=OutlierDetection(consecutive_gateway_failure=1))
+    for name in "ab":
+        lone.failed(lone[name], "connection refused", gateway=True)
+    assert lone["a"].ejected() and not lone["b"].ejected()  # Envoy's 10% default: one always may be
 
 
 # ---- clients that leave, overload, request ids ---------------------------------------------------
@@ -212,7 +227,7 @@ def test_a_client_leaving_a_non_streaming_request_aborts_it_in_the_engine(tmp_pa
         assert eventually(lambda: emu.aborted_total == 1)
         assert emu.engine.num_running == 0 and car.cancelled_total == 1
         assert sched.cancelled_total == 1 and sched.inflight == 0
-        assert "block:scheduler_cancelled_total{} 1" in httpx.get(url + "/metrics").text
+        assert sample_value(httpx.get(url + "/metrics").text, "block:scheduler_cancelled_total") == 1
         row = rows(collector).iloc[0]
         assert row["status"] == "cancelled" and "upstream request cancelled" in row["error"]
 
@@ -228,7 +243,8 @@ def test_overload_is_refused_with_429_and_retry_after_and_recorded(tmp_path):
             rejected_id = r.headers["x-block-request-id"]
         assert eventually(lambda: sched.inflight == 0)
         assert complete(url).status_code == 200
-        assert sched.rejected_total == 1 and "block:scheduler_rejected_total{} 1" in httpx.get(url + "/metrics").text
+        assert sched.rejected_total == 1
+        assert sample_value(httpx.get(url + "/metrics").text, "block:scheduler_rejected_total") == 1
         recorded = rows(collector).set_index("request_id")
         assert recorded.loc[rejected_id, "status"] == "rejected" and pd.isna(recorded.loc[rejected_id, "instance"])
         assert sorted(recorded["status"]) == ["cancelled", "cancelled", "ok", "rejected"]
@@ -353,10 +369,12 @@ def test_side_cars_behind_the_cluster_token_serve_a_scheduler_that_has_it(tmp_pa
                       metrics_interval=0.05)
         with serve(TokenGuard(sidecar_app(car), "c-token", ("/predict", "/state", "/v1"))) as guarded:
             assert httpx.get(guarded + "/state").status_code == 401
+            assert httpx.get(guarded + "/state/stream").status_code == 401
             assert httpx.post(guarded + "/predict", json={"candidates": [{"prompt_tokens": 5}]}).status_code == 401
             assert httpx.post(guarded + "/v1/completions", json={"model": "llama", "prompt": "a"}).status_code == 401
             with cluster(tmp_path / "with", n=0, extra={"g0": guarded}, cluster_token="c-token") as (sched, url, _, _c):
-                assert complete(url).status_code == 200 and sched.predict_calls_total == 1
+                assert complete(url).status_code == 200  # predicted from the (token-guarded) stream or /predict
+                assert sched.mirror_predictions_total + sched.predict_calls_total == 1
             with cluster(tmp_path / "without", n=0, extra={"g0": guarded}) as (_sched, url, _, _c):
                 r = complete(url)
                 assert r.status_code == 503 and "401" in r.json()["error"]["message"]

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,12 +16,15 @@ from block.offline import Study, get_preset
 from block.predictor import Predictor, build_predictor
 from block.predictor.service import InstanceTracker, SideCar
 from block.predictor.service import build_app as sidecar_app
+from block.prometheus import sample_value
+from block.protocol import ProtocolError
 from block.scheduler.app import Scheduler
 from block.scheduler.app import build_app as scheduler_app
+from block.scheduler.mirror import Mirror
 from simulator.engine import EngineConfig
 from simulator.hardware import get_gpu, get_model
 from simulator.timing import Roofline
-from simulator.workload import LengthPrior
+from simulator.workload import LengthPrior, Request
 from store.collector import Store
 from store.collector import build_app as collector_app
 from store.read import Reader
@@ -166,10 +170,98 @@ def test_admin_needs_the_token_and_manages_instances(tmp_path):
         assert bad.status_code == 400 and "valid policies" in bad.json()["error"]["message"]
 
 
+def mirrors_current(sched):
+    """Wait until every instance's state stream is mirrored (the first decisions otherwise ask over HTTP)."""
+    reg = sched.registry
+    assert eventually(lambda: all(reg.mirrored(i) for i in reg.instances.values())), reg.describe()
+
+
 def test_predictor_missing_its_budget_falls_back_to_live_signals(tmp_path):
-    with cluster(tmp_path, budget_s=1e-6) as (sched, url, _insts, _collector):
+    with cluster(tmp_path, budget_s=1e-6, prediction_source="fanout") as (sched, url, _insts, _collector):
         assert all(complete(url).status_code == 200 for _ in range(5))
         assert sched.fallbacks["all"] == 5
+    with cluster(tmp_path / "m", mirror_budget_s=1e-9) as (sched, url, _insts, _collector):
+        mirrors_current(sched)
+        assert all(complete(url).status_code == 200 for _ in range(5))
+        assert sched.fallbacks["all"] == 5 and sched.mirror_over_budget_total == 10
+        assert sched.mirror_predictions_total == 0 and sched.predict_calls_total == 0
+
+
+def test_mirror_predicts_in_process_what_the_side_car_predicts(tmp_path):
+    with cluster(tmp_path, n=1) as (sched, url, insts, _collector):
+        mirrors_current(sched)
+        with ThreadPoolExecutor(4) as pool:
+            running = [pool.submit(complete, url, 400) for _ in range(4)]
+            inst = sched.registry["i0"]
+            assert eventually(lambda: len(inst.mirror.state().state.requests) == 4)
+            quiet = time.monotonic() + 1.0  # the instance keeps decoding: compare both within one state change
+            while time.monotonic() < quiet:
+                sched.registry.candidates(set())
+                req = Request(7, 0.0, 300, 1)
+                mirrored = inst.mirror.predict(inst.view, req, "e2e")
+                asked = httpx.post(insts[0][2] + "/predict", json={"candidates": [{"prompt_tokens": 300}]}).json()
+                side_car = asked["predictions"][0]
+                if abs(mirrored.e2e - side_car["e2e"]) <= 0.05 * side_car["e2e"]:
+                    break
+            else:
+                raise AssertionError(f"mirror {mirrored.e2e:.3f} s vs side-car {side_car['e2e']:.3f} s")
+            label = lambda: httpx.get(insts[0][2] + "/state?requests=0").json()["predictor"]["label"]  # noqa: E731
+            assert eventually(lambda: inst.mirror.model.predictor.label == label())  # refits reach the mirror
+            assert all(f.result().status_code == 200 for f in running)
+
+
+def test_two_scheduler_replicas_route_consistently_from_their_mirrors(tmp_path):
+    budget = {"mirror_budget_s": 0.5, "mirror_max_age_s": 3.0}  # correctness, not speed: a shared box
+    with cluster(tmp_path, n=3, **budget) as (sched, url, insts, collector):
+        twin = Scheduler({f"i{k}": insts[k][2] for k in range(3)}, "block", ["llama"], 4096, poll_interval=0.05,
+                         sink=EventSink(collector, "t"), **budget)
+        with serve(scheduler_app(twin)) as twin_url:
+            mirrors_current(sched)
+            mirrors_current(twin)
+            with ThreadPoolExecutor(12) as pool:
+                results = list(pool.map(lambda i: complete((url, twin_url)[i % 2], 30), range(48)))
+            assert all(r.status_code == 200 for r in results)
+            for s in (sched, twin):  # every decision predicted in-process, none fell back
+                assert s.fallbacks["partial"] == s.fallbacks["all"] == 0 and s.predict_calls_total == 0
+                assert s.mirror_predictions_total == 3 * 24
+            def all_seen():  # a decision's candidates drop the dispatches the side-cars' states show
+                return all(not c.dispatched for s in (sched, twin) for c in s.registry.candidates(set()))
+
+            assert eventually(all_seen)
+            time.sleep(0.3)  # idle: both mirrors show the same states
+            probe = Request(1, 0.0, 500, 1)
+            choices = [s.router.route(probe, s.registry.candidates(set()), lambda c, r, t, s=s: s.registry[
+                c.name].mirror.predict(s.registry[c.name].view, r, t), request_id="p", ts=0.0).choice
+                for s in (sched, twin)]
+            assert choices[0] == choices[1]
+            spread = Counter(r.headers["x-block-instance"] for r in results)
+            assert len(spread) == 3  # both replicas spread the load, neither herds onto one instance
+
+
+def test_a_stale_mirror_is_never_used_silently(tmp_path):
+    with cluster(tmp_path, n=2) as (sched, url, _insts, _collector):
+        mirrors_current(sched)
+        sched.registry.mirror_max_age_s = 1e-9  # every mirror is now past its bound
+        assert all(complete(url).status_code == 200 for _ in range(3))
+        assert sched.mirror_stale_total == 6 and sched.predict_calls_total == 6  # asked over HTTP instead
+        assert sched.mirror_predictions_total == 0 and sched.fallbacks["none"] == 3
+        metrics = httpx.get(url + "/metrics").text
+        assert sample_value(metrics, "block:scheduler_mirror_stale_total") == 6
+
+
+def test_a_malformed_state_stream_is_refused_with_the_reason():
+    m = Mirror("x")
+    for line, reason in ((b"{", "not JSON"), (b'{"kind": "gossip"}', "unknown message kind"),
+                         (b'{"kind": "model", "prior": {}}', "prior"),
+                         (b'{"kind": "state", "seq": 1, "state": {"clock": 1}}', "not an instance state")):
+        try:
+            m.feed(line)
+            m.state()
+        except ProtocolError as exc:
+            assert reason in str(exc)
+        else:
+            raise AssertionError(f"{line!r} was accepted")
+    assert not m.usable(1.0)
 
 
 def test_dead_instance_before_first_token_is_retried_elsewhere(tmp_path):
@@ -192,11 +284,15 @@ def test_no_instance_left_is_a_clear_503(tmp_path):
 
 
 def test_power_of_k_asks_exactly_k_side_cars_per_request(tmp_path):
-    with cluster(tmp_path, n=3, policy="block@2") as (sched, url, insts, _collector):
+    with cluster(tmp_path, n=3, policy="block@2", prediction_source="fanout") as (sched, url, insts, _collector):
         before = sum(car.predict_latency.count for _, car, _ in insts)
         assert all(complete(url).status_code == 200 for _ in range(6))
         answered = sum(car.predict_latency.count for _, car, _ in insts) - before
         assert sched.predict_calls_total == 12 and answered == 12
+    with cluster(tmp_path / "m", n=3, policy="block@2") as (sched, url, insts, _collector):
+        mirrors_current(sched)
+        assert all(complete(url).status_code == 200 for _ in range(6))
+        assert sched.mirror_predictions_total == 12 and sched.predict_calls_total == 0
 
 
 def test_offline_and_live_decisions_write_the_same_row(tmp_path):

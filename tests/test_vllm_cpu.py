@@ -86,7 +86,10 @@ def test_sidecar_in_front_of_real_vllm_sees_what_vllm_sees(tmp_path):
                 async with http.get(engine_url + "/metrics") as r:
                     block_size = parse_label(await r.text(), "vllm:cache_config_info", "block_size")
                 async with http.get(car_url + "/state") as r:
-                    config = (await r.json())["state"]["config"]
+                    reply = await r.json()
+                    config = reply["state"]["config"]
+                # vLLM shows no cache endpoint here: the side-car says it knows the cache approximately
+                assert reply["prefix_cache"]["source"].startswith("approximate")
                 # the KV block size from vLLM's metrics, the limits from the engine flags
                 assert (config["block_size"], config["max_num_seqs"], config["max_model_len"]) == (
                     int(block_size), MAX_NUM_SEQS, 512)

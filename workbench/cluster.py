@@ -84,7 +84,7 @@ import socket
 import sys
 import time
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -238,25 +238,31 @@ class ClusterSpec:
     created: int = 0  # instances new_instance() made, so a removed instance's name is never reused
 
     @classmethod
-    def local(cls, instances: int = 4, engine: EngineSettings | None = None, policy: str = "block",
-              workdir: str | Path = "workspace") -> ClusterSpec:
+    def local(cls, instances: int | Sequence[EngineSettings] = 4, engine: EngineSettings | None = None,
+              policy: str = "block", workdir: str | Path = "workspace") -> ClusterSpec:
         """An emulated cluster on this machine, described in code instead of a cluster file: every
-        service on a free 127.0.0.1 port, run by this Python, its log and the DuckDB file in ``workdir``."""
+        service on a free 127.0.0.1 port, run by this Python, its log and the DuckDB file in ``workdir``.
+        ``instances``: how many of ``engine``, or one EngineSettings per instance (a heterogeneous cluster;
+        each side-car then predicts with its own instance's GPU)."""
+        each = [engine or EngineSettings()] * instances if isinstance(instances, int) else list(instances)
+        if not each:
+            raise ValueError("a local cluster needs at least one instance")
         wd = Path(workdir).resolve()
         host = HostSpec(LOCAL, "localhost", workdir=str(wd), python=sys.executable)
         spec = cls({LOCAL: host}, [], ServiceSpec(LOCAL, free_port(), policy),
-                   ServiceSpec(LOCAL, free_port(), db=str(wd / "block.duckdb")), engine or EngineSettings())
-        spec.instances = [spec.new_instance() for _ in range(instances)]
+                   ServiceSpec(LOCAL, free_port(), db=str(wd / "block.duckdb")), engine or each[0])
+        spec.instances = [spec.new_instance(settings) for settings in each]
         return spec
 
-    def new_instance(self) -> InstanceSpec:
-        """One more emulated instance of ``engine`` (``instance-<k>``, seed k + 1) on this machine's host."""
+    def new_instance(self, engine: EngineSettings | None = None) -> InstanceSpec:
+        """One more emulated instance of ``engine`` (default: the spec's) named ``instance-<k>``, seed k + 1,
+        on this machine's host."""
         host = next((h.name for h in self.hosts.values() if h.local), None)
         if host is None:
             raise ValueError("a new instance without an InstanceSpec needs a localhost host; pass an InstanceSpec")
         self.created += 1
-        return InstanceSpec.emulated(f"instance-{self.created - 1}", host, self.engine, free_port(), free_port(),
-                                     seed=self.created)
+        return InstanceSpec.emulated(f"instance-{self.created - 1}", host, engine or self.engine, free_port(),
+                                     free_port(), seed=self.created)
 
     def host(self, name: str) -> HostSpec:
         if name not in self.hosts:
@@ -591,6 +597,9 @@ class Cluster:
         self._secret_hosts: set[str] = set()  # hosts holding secret files to remove at stop
         self._watched: set[str] = set()  # services the supervisor restarts when they crash
         self._gave_up: set[str] = set()
+        # what the scheduler was told at run time, told again to a restarted one (it keeps no state)
+        self._policy: str | None = None
+        self._drained: set[str] = set()
         self._restart_times: dict[str, list[float]] = {}
         self._recovering: dict[str, asyncio.Task] = {}
         self._spawning: set[asyncio.Task] = set()
@@ -814,6 +823,7 @@ class Cluster:
 
     async def set_policy(self, policy: str) -> None:
         await self.admin("POST", "/admin/policy", {"policy": policy})
+        self._policy = policy
 
     async def add_instance(self, inst: InstanceSpec | None = None, timeout: float | None = None) -> str:
         """Start an instance (default: ``spec.new_instance()``, one more emulated one on this machine),
@@ -837,9 +847,11 @@ class Cluster:
     async def drain_instance(self, name: str) -> None:
         """Stop routing new requests to ``name``; those in flight finish there."""
         await self.admin("POST", f"/admin/instances/{name}/drain")
+        self._drained.add(name)
 
     async def remove_instance(self, name: str) -> None:
         await self.admin("DELETE", f"/admin/instances/{name}")
+        self._drained.discard(name)
         for kind in ("sidecar", "engine"):
             self._forget(f"{name}-{kind}")
             svc = self.started.pop(f"{name}-{kind}", None)
@@ -919,12 +931,21 @@ class Cluster:
                     continue
                 self._record(new, "restarted", f"pid {svc.pid} -> {new.pid} after {delay:g} s back-off "
                                                f"(restart {attempt})")
+                if svc.kind == "scheduler":
+                    await self._retell_scheduler()
                 return
         except Exception:  # the host cannot be reached: the next poll finds the service down again
             log.exception("cluster supervisor: restarting %s on %s failed", svc.name, svc.host)
         finally:
             if self._recovering.get(svc.name) is asyncio.current_task():
                 del self._recovering[svc.name]
+
+    async def _retell_scheduler(self) -> None:
+        """A restarted scheduler starts from its flags: tell it the policy and the drains it was told since."""
+        if self._policy is not None:
+            await self.admin("POST", "/admin/policy", {"policy": self._policy})
+        for name in sorted(self._drained):
+            await self.admin("POST", f"/admin/instances/{name}/drain")
 
     async def _respawn(self, svc: Started) -> Started:
         """Start ``svc`` again the same way (a scheduler with the instances of now), its log appended to.

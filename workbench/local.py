@@ -11,7 +11,7 @@ import asyncio
 import inspect
 import threading
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,12 @@ from workbench.cluster import Cluster, ClusterSpec
 class LocalCluster:
     """The driver's attributes, its coroutine methods made blocking; ``with LocalCluster(...)`` starts, stops."""
 
-    def __init__(self, workspace: str | Path, instances: int = 4, policy: str = "block",
-                 engine: EngineSettings | None = None, ready_timeout: float = 90.0, restart: bool = True):
+    def __init__(self, workspace: str | Path, instances: int | Sequence[EngineSettings] = 4, policy: str = "block",
+                 engine: EngineSettings | None = None, ready_timeout: float = 90.0, restart: bool = True,
+                 scheduler_flags: Sequence[str] = ()):
         self.workspace = Path(workspace)
         spec = ClusterSpec.local(instances, engine, policy, self.workspace)
+        spec.scheduler.flags += scheduler_flags  # more of the scheduler's own flags (--prediction-source ...)
         self.driver = Cluster(spec, run_id=uuid.uuid4().hex[:8], ready_timeout=ready_timeout, restart=restart)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cluster-driver", daemon=True)

@@ -28,7 +28,16 @@ from starlette.routing import Route
 from block import openai_api as oa
 from block.engines.settings import EngineSettings
 from block.http import ClientGone, background, until_disconnected
-from block.prometheus import Histogram, render
+from block.prometheus import (
+    CONTENT_TYPE,
+    REQUEST_LATENCY_BUCKETS,
+    TPOT_BUCKETS,
+    TTFT_BUCKETS,
+    Exposition,
+    Histogram,
+    Sample,
+)
+from block.protocol import cached_runs_to_list, text_block_hashes
 from simulator.engine import Engine, EngineConfig, Seq
 from simulator.timing import TimingModel
 from simulator.workload import LengthPrior, Request
@@ -43,6 +52,8 @@ class _Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     emitted: int = 0
     done: bool = False
+    first_at: float = 0.0  # monotonic times of its first and latest tokens (ITL and TPOT histograms)
+    last_at: float = 0.0
 
 
 class EmulatedEngine:
@@ -62,8 +73,10 @@ class EmulatedEngine:
         self._ids = itertools.count()
         self._streams: dict[int, _Stream] = {}
         self._wake = asyncio.Event()
-        self.ttft = Histogram()
-        self.e2e = Histogram()
+        self.ttft = Histogram(TTFT_BUCKETS)  # vLLM's buckets, so dashboards read these as a real engine's
+        self.itl = Histogram(TPOT_BUCKETS)
+        self.tpot = Histogram(TPOT_BUCKETS)
+        self.e2e = Histogram(REQUEST_LATENCY_BUCKETS)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.success_total = 0
@@ -76,9 +89,10 @@ class EmulatedEngine:
         """How long the 'model' wants to answer when EOS is not ignored: a draw from the length prior."""
         return self.lengths.sample(self._rng)
 
-    def submit(self, prompt_tokens: int, output_tokens: int, predicted: int | None = None) -> _Stream:
+    def submit(self, prompt_tokens: int, output_tokens: int, predicted: int | None = None,
+               block_hashes: tuple[int, ...] = ()) -> _Stream:
         rid = next(self._ids)
-        req = Request(rid, self.sim_now(), prompt_tokens, output_tokens, predicted)
+        req = Request(rid, self.sim_now(), prompt_tokens, output_tokens, predicted, block_hashes=block_hashes)
         seq = self.engine.add_request(req)
         stream = _Stream(seq, time.monotonic())
         self._streams[rid] = stream
@@ -127,6 +141,10 @@ class EmulatedEngine:
             if g > stream.emitted:
                 if stream.emitted == 0:
                     self.ttft.observe(now - stream.created)
+                    stream.first_at = now
+                else:
+                    self.itl.observe(now - stream.last_at)
+                stream.last_at = now
                 stream.queue.put_nowait(g - stream.emitted)
                 self.generation_tokens_total += g - stream.emitted
                 stream.emitted = g
@@ -134,18 +152,22 @@ class EmulatedEngine:
                 stream.done = True
                 stream.queue.put_nowait(None)
                 self.e2e.observe(now - stream.created)
+                if stream.emitted > 1:
+                    self.tpot.observe((stream.last_at - stream.first_at) / (stream.emitted - 1))
                 self.success_total += 1
                 del self._streams[rid]
         eng.finished.clear()
 
-    def metrics_text(self, model: str) -> str:
+    def metric_samples(self, model: str) -> list[Sample]:
+        """vLLM's names, types, labels and buckets (one engine: ``engine="0"``)."""
         eng = self.engine
         cfg = eng.config
-        labels = f'model_name="{model}"'
+        labels = {"model_name": model, "engine": "0"}
         usage = 1.0 - eng.free_blocks / cfg.num_blocks
-        info = (f'block_size="{cfg.block_size}",num_gpu_blocks="{cfg.num_blocks}",'
-                f'max_num_seqs="{cfg.max_num_seqs}",max_num_batched_tokens="{cfg.max_num_batched_tokens}"')
-        return render([
+        info = {"block_size": str(cfg.block_size), "num_gpu_blocks": str(cfg.num_blocks),
+                "max_num_seqs": str(cfg.max_num_seqs), "max_num_batched_tokens": str(cfg.max_num_batched_tokens),
+                "engine": "0"}
+        return [
             ("vllm:num_requests_running", "gauge", "Requests in the running batch.", labels, len(eng.running)),
             ("vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled.", labels, len(eng.waiting)),
             ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage, 1 means full.", labels, usage),
@@ -154,10 +176,23 @@ class EmulatedEngine:
             ("vllm:prompt_tokens_total", "counter", "Prefill tokens.", labels, self.prompt_tokens_total),
             ("vllm:generation_tokens_total", "counter", "Generated tokens.", labels, self.generation_tokens_total),
             ("vllm:request_success_total", "counter", "Finished requests.", labels, self.success_total),
-            ("vllm:time_to_first_token_seconds", "histogram", "Time to first token.", labels, self.ttft),
-            ("vllm:e2e_request_latency_seconds", "histogram", "End-to-end latency.", labels, self.e2e),
-            ("vllm:cache_config_info", "gauge", "KV cache configuration.", info, 1),
-        ])
+            ("vllm:prefix_cache_queries", "counter", "Prefix cache queries, in terms of number of queried tokens.",
+             labels, eng.prefix_query_tokens),
+            ("vllm:prefix_cache_hits", "counter", "Prefix cache hits, in terms of number of cached tokens.",
+             labels, eng.prefix_hit_tokens),
+            ("vllm:time_to_first_token_seconds", "histogram", "Histogram of time to first token in seconds.",
+             labels, self.ttft),
+            ("vllm:inter_token_latency_seconds", "histogram", "Histogram of inter-token latency in seconds.",
+             labels, self.itl),
+            ("vllm:time_per_output_token_seconds", "histogram",
+             "Histogram of time per output token in seconds (vLLM's older name for the inter-token latency).",
+             labels, self.itl),
+            ("vllm:request_time_per_output_token_seconds", "histogram",
+             "Histogram of time_per_output_token_seconds per request.", labels, self.tpot),
+            ("vllm:e2e_request_latency_seconds", "histogram", "Histogram of e2e request latency in seconds.",
+             labels, self.e2e),
+            ("vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig", info, 1),
+        ]
 
 
 def build_app(emu: EmulatedEngine, served_model: str) -> Starlette:
@@ -175,7 +210,8 @@ def build_app(emu: EmulatedEngine, served_model: str) -> Starlette:
         header = request.headers.get("x-block-predicted-tokens")
         predicted = int(header) if header and header.isdigit() else None
         try:
-            stream = emu.submit(req.prompt_tokens, wanted, predicted)
+            hashes = text_block_hashes(req.prompt_text, cfg.block_size)[: req.prompt_tokens // cfg.block_size]
+            stream = emu.submit(req.prompt_tokens, wanted, predicted, hashes)
         except ValueError as exc:
             return Response(oa.ApiError(400, str(exc)).body(), status_code=400, media_type="application/json")
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -229,14 +265,21 @@ def build_app(emu: EmulatedEngine, served_model: str) -> Starlette:
     async def health(request: HttpRequest) -> Response:
         return Response(status_code=200)
 
+    exposition = Exposition(lambda: emu.metric_samples(served_model))
+
     async def metrics(request: HttpRequest) -> Response:
-        return Response(emu.metrics_text(served_model), media_type="text/plain; version=0.0.4")
+        return Response(exposition.render(), media_type=CONTENT_TYPE)
 
     async def state(request: HttpRequest) -> Response:
         snap = emu.engine.snapshot()
         snap.clock = max(snap.clock, emu.sim_now())
         return Response(orjson.dumps({"instance": emu.engine.name, "time_scale": emu.time_scale,
                                       "state": dataclasses.asdict(snap)}), media_type="application/json")
+
+    async def kv_cache(request: HttpRequest) -> Response:
+        """The prefix cache's blocks as runs of its tree, what vLLM's KV events let a side-car mirror."""
+        return Response(orjson.dumps({"runs": cached_runs_to_list(emu.engine.snapshot().cached)}),
+                        media_type="application/json")
 
     async def steps(request: HttpRequest) -> Response:
         try:
@@ -260,6 +303,7 @@ def build_app(emu: EmulatedEngine, served_model: str) -> Starlette:
         Route("/metrics", metrics),
         Route("/state", state),
         Route("/steps", steps),
+        Route("/kv_cache", kv_cache),
     ], lifespan=lifespan)
 
 
@@ -278,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     emu = EmulatedEngine(settings.engine_config(), settings.timing(), time_scale=settings.time_scale,
                          noise=settings.noise, seed=args.seed, name=args.name)
     app = build_app(emu, args.served_model_name or settings.model)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
 
 
 if __name__ == "__main__":

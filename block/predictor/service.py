@@ -3,9 +3,12 @@
 Every ``/v1/*`` request of the instance passes through here, so the side-car tracks each request's
 prompt and generated tokens without engine changes. It reconciles that view with the engine's
 ``/metrics`` (how many are running, waiting, preempted; the KV cache size), turns it into an
-InstanceState, and answers ``POST /predict`` with the same Predictor the offline studies use. Its timing
-model starts as the roofline of its GPU and is refitted online from the step times the engine reports
-(``OnlineCalibration``); ``/state`` and every prediction say which one it is.
+InstanceState, and answers ``POST /predict`` with the same Predictor the offline studies use, or streams
+that state and its predictor's model (``GET /state/stream``) to schedulers that predict in-process. It
+knows its engine's prefix cache exactly (the emulator's ``/kv_cache``) or approximately (the prompts it
+proxied) and says which in ``/state``. Its timing model starts as the roofline of its GPU and is refitted
+online from the step times the engine reports (``OnlineCalibration``); ``/state`` and every prediction say
+which one it is.
 
 A caller that leaves is noticed even while the side-car still waits on its engine (a non-streaming
 answer), and closing the engine connection aborts the request there. Off loopback, ``/predict``,
@@ -19,6 +22,8 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
 import aiohttp
@@ -26,7 +31,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from block import openai_api as oa
@@ -43,20 +48,29 @@ from block.http import (
 )
 from block.predictor.calibration import OnlineCalibration, build_predictor
 from block.predictor.core import Predictor
-from block.prometheus import Histogram, parse_label, parse_metrics, render
+from block.prefix_index import ApproximatePrefixIndex, BlockSet
+from block.prometheus import CONTENT_TYPE, Exposition, Histogram, Sample, parse_label, parse_metrics
 from block.protocol import (
+    BLOCK_REQUEST_ID_HEADER,
     PREDICTED_TOKENS_HEADER,
     LoadSignals,
     PredictRequest,
     PredictResponse,
     ProtocolError,
+    cached_runs_from_list,
+    model_message,
     parse_predicted_tokens,
+    state_to_dict,
+    text_block_hashes,
 )
+from block.routing import StateView
 from simulator.engine import EngineConfig, InstanceState, RequestState
 from simulator.timing import StepSample
 from simulator.workload import LengthPrior, Request
 from store.auth import TokenGuard, token_for
 from store.schema import InstanceSampleRow
+
+DONE_WINDOW_S = 2.0  # how long a finished request's id stays in the state stream's "done" list
 
 
 @dataclass
@@ -65,6 +79,7 @@ class Tracked:
     arrival: float  # instance clock (emulated seconds)
     prompt_tokens: int
     predicted: int | None
+    rid: str = ""  # the scheduler's request id (x-block-request-id), so its mirror can stop counting it
     generated: int = 0
     first_token: float | None = None
 
@@ -83,24 +98,40 @@ class InstanceTracker:
         self.engine_preemptions = 0
         self.kv_usage: float | None = None
         self.metrics_at: float | None = None
+        self.version = 0  # bumped on every change a state stream must publish
+        self.done: deque[tuple[float, str]] = deque()  # (monotonic, scheduler request id) of recent finishes
 
     def clock(self) -> float:
         return (time.monotonic() - self._t0) * self.time_scale
 
-    def start(self, prompt_tokens: int, predicted: int | None) -> Tracked:
-        t = Tracked(next(self._ids), self.clock(), prompt_tokens, predicted)
+    def start(self, prompt_tokens: int, predicted: int | None, rid: str = "") -> Tracked:
+        t = Tracked(next(self._ids), self.clock(), prompt_tokens, predicted, rid)
         self.requests[t.id] = t
+        self.version += 1
         return t
 
     def token(self, t: Tracked, n: int = 1) -> None:
         if t.first_token is None:
             t.first_token = self.clock()
         t.generated += n
+        self.version += 1
 
     def finish(self, t: Tracked) -> None:
-        self.requests.pop(t.id, None)
+        if self.requests.pop(t.id, None) is not None:
+            self.version += 1
+            if t.rid:
+                self.done.append((time.monotonic(), t.rid))
+
+    def recently_done(self, window_s: float = DONE_WINDOW_S) -> list[str]:
+        """Scheduler request ids finished within the window: a stream reader that skips messages (it parses
+        only the newest) still learns of every finish."""
+        cutoff = time.monotonic() - window_s
+        while self.done and self.done[0][0] < cutoff:
+            self.done.popleft()
+        return [rid for _, rid in self.done]
 
     def reconcile(self, metrics: dict[str, float]) -> None:
+        self.version += 1
         self.engine_running = int(metrics.get("vllm:num_requests_running", 0))
         self.engine_waiting = int(metrics.get("vllm:num_requests_waiting", 0))
         self.engine_preemptions = int(metrics.get("vllm:num_preemptions_total", 0))
@@ -153,7 +184,7 @@ class InstanceTracker:
 
 class SideCar:
     def __init__(self, name: str, engine_url: str, tracker: InstanceTracker, predictor: Predictor, *,
-                 sink: EventSink | None = None, metrics_interval: float = 0.25):
+                 sink: EventSink | None = None, metrics_interval: float = 0.25, stream_interval: float = 0.02):
         self.name = name
         self.engine_url = engine_url.rstrip("/")
         self.tracker = tracker
@@ -169,6 +200,14 @@ class SideCar:
         self.proxied_total = 0
         self.proxy_errors_total = 0
         self.cancelled_total = 0
+        self.stream_interval = stream_interval
+        self.stream_heartbeat = 0.1
+        self.cache_interval = 0.1  # prefix-cache changes go out at most this often
+        self.index = ApproximatePrefixIndex()  # the prompts proxied here, for an engine that shows no cache
+        self.cache = BlockSet()
+        self.cache_source = "engine /kv_cache"  # until the engine shows it has none
+        self.stream_messages_total = 0
+        self.stopping = False  # set on SIGTERM: state streams end so that the server can stop
 
     async def poll_engine_once(self) -> None:
         assert self.client is not None
@@ -176,7 +215,9 @@ class SideCar:
             async with self.client.get(self.engine_url + "/metrics", timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
                 resp.raise_for_status()
                 text = await resp.text()
-            self.tracker.reconcile(parse_metrics(text))
+            metrics = parse_metrics(text)
+            self.tracker.reconcile(metrics)
+            self.calibration.observe_metrics(metrics)
             self._adopt_cache_config(text)
             self.engine_ok, self.engine_error = True, ""
             t = self.tracker
@@ -189,8 +230,8 @@ class SideCar:
     async def poll_steps_once(self) -> None:
         """Feed the step times the engine reports (the emulator's ``/steps``) to the online calibration.
 
-        An engine without that endpoint (vLLM) is asked once; the predictor then stays on its roofline
-        and its label says so.
+        An engine without that endpoint (vLLM) is asked once; the calibration then fits on the iterations
+        it rebuilds from the proxied token streams (``StreamSteps``), and its label says so.
         """
         assert self.client is not None
         if self._steps_cursor is None:
@@ -200,7 +241,7 @@ class SideCar:
                                        timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
                 if resp.status == 404:
                     self._steps_cursor = None
-                    self.calibration.source = "none (the engine reports no step times)"
+                    self.calibration.use_streams()
                     return
                 resp.raise_for_status()
                 data = orjson.loads(await resp.read())
@@ -212,11 +253,32 @@ class SideCar:
         self.calibration.source = "engine /steps"
         self.calibration.add(samples)
 
+    async def poll_kv_cache_once(self) -> None:
+        """Take the engine's cached blocks (the emulator's ``/kv_cache``; what vLLM's KV events carry). An
+        engine without it is asked once; from then on the side-car knows its cache approximately: the prompt
+        blocks it proxied, LRU-bounded by the engine's KV blocks, as llm-d's approximate index does."""
+        assert self.client is not None
+        if self.cache_source != "engine /kv_cache":
+            return
+        try:
+            async with self.client.get(self.engine_url + "/kv_cache", timeout=aiohttp.ClientTimeout(total=2.0)) as r:
+                if r.status == 404:
+                    self.cache_source = (f"approximate (prompts proxied here, LRU over "
+                                         f"{self.tracker.config.num_blocks} blocks)")
+                    self.cache = BlockSet(self.index.members(self.name))
+                    return
+                r.raise_for_status()
+                runs = cached_runs_from_list(orjson.loads(await r.read()).get("runs"), "kv_cache.runs")
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, ProtocolError, AttributeError):
+            return  # the next poll tries again
+        self.cache.replace(h for run in runs if run.refs or run.evict >= 0 for h in run.hashes)
+
     async def poll_engine(self) -> None:
         while True:
             await asyncio.sleep(self.metrics_interval)
             await self.poll_engine_once()
             await self.poll_steps_once()
+            await self.poll_kv_cache_once()
 
     def _adopt_cache_config(self, metrics_text: str) -> None:
         """Take the KV cache size and block size the engine reports (vLLM's cache_config_info)."""
@@ -243,7 +305,14 @@ class SideCar:
         headers = {"content-type": "application/json"}
         if predicted is not None:
             headers[PREDICTED_TOKENS_HEADER] = str(predicted)
-        tracked = self.tracker.start(parsed.prompt_tokens, predicted) if parsed is not None else None
+        rid = request.headers.get(BLOCK_REQUEST_ID_HEADER, "")[:64]
+        tracked = self.tracker.start(parsed.prompt_tokens, predicted, rid) if parsed is not None else None
+        if parsed is not None and self.cache_source != "engine /kv_cache":
+            cfg = self.tracker.config
+            hashes = text_block_hashes(parsed.prompt_text, cfg.block_size)[: parsed.prompt_tokens // cfg.block_size]
+            if hashes:
+                self.index.record(self.name, hashes, cfg.num_blocks)
+                self.cache.version += 1
         self.proxied_total += 1
         stream = parsed is not None and parsed.stream
         try:
@@ -266,6 +335,8 @@ class SideCar:
         def count(chunk: bytes) -> None:
             n = counter.feed(chunk)
             if n and tracked:
+                self.calibration.observe_token(self.tracker.clock(), tracked.id, tracked.prompt_tokens,
+                                               tracked.generated, n, tracked.arrival, self.tracker.config)
                 self.tracker.token(tracked, n)
 
         def end(status: str, error: str) -> None:
@@ -306,14 +377,13 @@ class SideCar:
             raise oa.ApiError(400, f"predict body is not valid JSON: {exc}") from exc
         except ProtocolError as exc:
             raise oa.ApiError(400, str(exc), exc.field) from exc
-        requests = [Request(-1 - i, state.clock, c.prompt_tokens, 1, c.predicted_output_tokens)
-                    for i, c in enumerate(asked.candidates)]
+        view = StateView(state.clock, state, self.cache)
         scale = self.tracker.time_scale
-        preds = []
-        for p in self.predictor.predict_many(state, requests, target=asked.target, instance=self.name):
-            for key in ("ttft", "e2e", "queueing", "added_delay", "state_age"):
-                setattr(p, key, getattr(p, key) / scale)
-            preds.append(p)
+        preds = [view.predict(self.predictor, self.name, Request(-1 - i, state.clock, c.prompt_tokens, 1,
+                                                                 c.predicted_output_tokens,
+                                                                 block_hashes=tuple(c.block_hashes)),
+                              asked.target, state.clock, asked.with_impact).in_wall_seconds(scale)
+                 for i, c in enumerate(asked.candidates)]
         signals = LoadSignals.from_state(state, self.predictor.prior)
         self.predict_latency.observe(time.perf_counter() - t0)
         return PredictResponse(self.name, preds, signals, self.engine_ok, self.predictor.label).to_dict()
@@ -326,13 +396,42 @@ class SideCar:
                 "signals": asdict(LoadSignals.from_state(state, self.predictor.prior)),
                 "engine": {"running": t.engine_running, "waiting": t.engine_waiting, "kv_usage": t.kv_usage,
                            "preemptions": t.engine_preemptions, "ok": self.engine_ok, "error": self.engine_error},
-                "predictor": self.calibration.status()}
+                "predictor": self.calibration.status(),
+                "prefix_cache": {"source": self.cache_source, "blocks": self.cache.size}}
 
-    def metrics_text(self) -> str:
-        labels = f'instance="{self.name}"'
+    async def state_stream(self) -> AsyncIterator[bytes]:
+        """The state stream a scheduler mirrors: the model (again after every refit), then the state after
+        every change (at most every ``stream_interval``), or unchanged once a ``heartbeat`` so the mirror knows
+        it is current; the prefix cache's changes ride along, at most every ``cache_interval``."""
+        t = self.tracker
+        label = self.predictor.label
+        yield orjson.dumps(model_message(self.predictor, t.time_scale)) + b"\n"
+        version, sent, seq = -1, 0.0, 0
+        cache_version, cache_sent, cache_at = -1, set(), 0.0
+        while not self.stopping:
+            if self.predictor.label != label:
+                label = self.predictor.label
+                yield orjson.dumps(model_message(self.predictor, t.time_scale)) + b"\n"
+            now = time.monotonic()
+            if t.version != version or now - sent >= self.stream_heartbeat:
+                version, sent, seq = t.version, now, seq + 1
+                rids = [r.rid for r in t.requests.values() if r.rid]
+                msg = {"kind": "state", "seq": seq, "state": state_to_dict(t.state()), "rids": rids,
+                       "done": t.recently_done(), "engine_ok": self.engine_ok, "engine_error": self.engine_error}
+                if self.cache.version != cache_version and now - cache_at >= self.cache_interval:
+                    added, removed, cache_sent_next = self.cache.changes(cache_sent)
+                    msg["cache"] = {"reset": cache_version < 0, "added": added, "removed": removed,
+                                    "source": self.cache_source}
+                    cache_version, cache_sent, cache_at = self.cache.version, cache_sent_next, now
+                yield orjson.dumps(msg) + b"\n"
+                self.stream_messages_total += 1
+            await asyncio.sleep(self.stream_interval)
+
+    def metric_samples(self) -> list[Sample]:
+        labels = {"instance": self.name}
         state = self.tracker.state()
         running = sum(r.phase == "running" for r in state.requests)
-        return render([
+        return [
             ("block:sidecar_tracked_running", "gauge", "Requests the side-car sees running.", labels, running),
             ("block:sidecar_tracked_waiting", "gauge", "Requests the side-car sees waiting.", labels,
              len(state.requests) - running),
@@ -341,10 +440,11 @@ class SideCar:
             ("block:sidecar_cancelled_total", "counter", "Callers that left; each aborted its engine request.",
              labels, self.cancelled_total),
             ("block:sidecar_predict_seconds", "histogram", "Time to answer /predict.", labels, self.predict_latency),
-        ])
+        ]
 
 
 def build_app(car: SideCar) -> Starlette:
+    exposition = Exposition(car.metric_samples)  # this side-car's own Prometheus registry
     async def predict(request: HttpRequest) -> Response:
         try:
             return Response(orjson.dumps(car.predict(await request.body())), media_type="application/json")
@@ -355,13 +455,16 @@ def build_app(car: SideCar) -> Starlette:
         brief = request.query_params.get("requests") == "0"
         return Response(orjson.dumps(car.state_json(with_requests=not brief)), media_type="application/json")
 
+    async def state_stream(request: HttpRequest) -> Response:
+        return StreamingResponse(car.state_stream(), media_type="application/x-ndjson")
+
     async def health(request: HttpRequest) -> Response:
         if car.engine_ok:
             return Response(status_code=200)
         return Response(orjson.dumps({"error": car.engine_error}), status_code=503, media_type="application/json")
 
     async def metrics(request: HttpRequest) -> Response:
-        return Response(car.metrics_text(), media_type="text/plain; version=0.0.4")
+        return Response(exposition.render(), media_type=CONTENT_TYPE)
 
     async def models(request: HttpRequest) -> Response:
         assert car.client is not None
@@ -381,6 +484,7 @@ def build_app(car: SideCar) -> Starlette:
         await car.sink.start()
         await car.poll_engine_once()  # know the engine's health before the first /state is served
         await car.poll_steps_once()
+        await car.poll_kv_cache_once()
         async with background(car.poll_engine()):
             yield
         await car.sink.stop()
@@ -392,6 +496,7 @@ def build_app(car: SideCar) -> Starlette:
         Route("/v1/models", models),
         Route("/predict", predict, methods=["POST"]),
         Route("/state", state),
+        Route("/state/stream", state_stream),
         Route("/health", health),
         Route("/metrics", metrics),
     ], exception_handlers={oa.ApiError: api_error}, lifespan=lifespan)
@@ -420,7 +525,8 @@ def main(argv: list[str] | None = None) -> None:
     predictor = build_predictor(LengthPrior.embedded(), settings.timing())
     car = SideCar(args.name, args.engine_url, tracker, predictor, sink=EventSink(args.collector_url, args.run_id))
     app = TokenGuard(build_app(car), token, ("/predict", "/state", "/v1"))
-    run_server(app, args.host, args.port, graceful_timeout_s=args.graceful_timeout)
+    run_server(app, args.host, args.port, graceful_timeout_s=args.graceful_timeout,
+               on_signal=lambda: setattr(car, "stopping", True))
 
 
 if __name__ == "__main__":

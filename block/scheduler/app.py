@@ -2,10 +2,13 @@
 
 Per request: admit it (at most ``max_inflight`` at once; beyond that a 429 with Retry-After sheds the load
 before queues grow to seconds), validate, optionally estimate the response length (off the event loop),
-let the shared ``Router`` plan, ask only the shortlisted side-cars for predictions concurrently within a
-time budget, let the policy choose, forward and stream back. The registry (``registry``) keeps the
-instances, their polled signals and their outlier ejections; this module holds the routes and the
-per-request work.
+let the shared ``Router`` plan, predict for the shortlisted instances, let the policy choose, forward and
+stream back. Predictions are made in-process from each side-car's mirrored state and model
+(``block.scheduler.mirror``) within a compute budget checked between candidates; only a side-car whose
+mirror is older than its bound is asked ``/predict`` over HTTP (counted as stale), concurrently, within
+the prediction budget (``--prediction-source fanout`` asks every shortlisted side-car that way). The
+registry (``registry``) keeps the instances, their polled signals, mirrors and outlier ejections; this
+module holds the routes and the per-request work.
 
 Failures: a side-car that misses the prediction budget is skipped (the decision records a partial or
 full fallback to live signals). Every upstream request has a connect timeout, a first-byte timeout (a
@@ -54,17 +57,21 @@ from block.http import (
     run_server,
     until_disconnected,
 )
-from block.policies import Candidate, Policy, make_policy
-from block.prometheus import Histogram, render
+from block.policies import Candidate, Policy, Rejected, make_policy
+from block.prefix_index import ApproximatePrefixIndex, prompt_hashes
+from block.prometheus import CONTENT_TYPE, Exposition, Histogram, Sample
 from block.protocol import (
+    BLOCK_REQUEST_ID_HEADER,
     INSTANCE_HEADER,
     PREDICTED_TOKENS_HEADER,
     REQUEST_ID_HEADER,
     PredictRequest,
     PredictResponse,
     ProtocolError,
+    parse_slo_headers,
+    text_block_hashes,
 )
-from block.routing import FALLBACKS, NoCandidates, Router, RoutingDecision
+from block.routing import FALLBACKS, NoCandidates, Router, RoutingDecision, RoutingPlan
 from block.scheduler.registry import Instance, OutlierDetection, Registry
 from simulator.workload import Request
 from store.auth import ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV, admin_token, token_for
@@ -72,8 +79,9 @@ from store.schema import RequestRow
 
 LengthEstimator = Callable[[str], int]
 
-BLOCK_REQUEST_ID_HEADER = "x-block-request-id"  # the scheduler's own id of a request, in every answer
 TIMEOUT_KINDS = ("connect", "first_byte", "response", "idle")
+PREDICTION_SOURCES = ("mirror", "fanout")
+BLOCK_SIZE = 16  # tokens per KV block, vLLM's default: how prompts are hashed for prefix matching
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,7 @@ class _Call:
     client_rid: str | None
     arrival: float
     parsed: oa.CompletionRequest | None = None
+    slo: tuple[float | None, float | None] = (None, None)  # the client's TTFT and TPOT objectives, seconds
     instance: str | None = None
     first_ts: float | None = None
     retries: int = 0
@@ -134,11 +143,21 @@ class Scheduler:
                  estimator: LengthEstimator | None = None, poll_interval: float = 0.1, seed: int = 0,
                  timeouts: Timeouts | None = None, outliers: OutlierDetection | None = None,
                  max_inflight: int = 1024, max_retries: int = 2, retry_after_s: int = 1,
-                 cluster_token: str | None = None):
+                 cluster_token: str | None = None, prediction_source: str = "mirror",
+                 mirror_max_age_s: float = 0.25, mirror_budget_s: float = 0.004):
         if max_inflight < 1 or max_retries < 0 or retry_after_s < 1:
             raise ValueError(f"need max_inflight >= 1, max_retries >= 0 and retry_after_s >= 1; got "
                              f"{max_inflight}, {max_retries} and {retry_after_s}")
-        self.registry = Registry(instances, poll_interval=poll_interval, outliers=outliers)
+        if prediction_source not in PREDICTION_SOURCES:
+            raise ValueError(f"unknown prediction source {prediction_source!r}; choose one of {PREDICTION_SOURCES}")
+        if mirror_max_age_s <= 0 or mirror_budget_s <= 0:
+            raise ValueError(f"need a mirror age bound and a compute budget > 0; got {mirror_max_age_s} s and "
+                             f"{mirror_budget_s} s")
+        self.registry = Registry(instances, poll_interval=poll_interval, outliers=outliers,
+                                 mirror_max_age_s=mirror_max_age_s if prediction_source == "mirror" else None)
+        self.prediction_source = prediction_source
+        self.prefix_index = ApproximatePrefixIndex()  # what this scheduler routed where (approximate peers)
+        self.mirror_budget_s = mirror_budget_s
         self.router = Router(make_policy(policy, seed=seed))
         self.served_models = served_models
         self.max_model_len = max_model_len
@@ -159,8 +178,12 @@ class Scheduler:
         self.errors_total = 0
         self.retries_total = 0
         self.rejected_total = 0
+        self.slo_rejected_total = 0  # refused by an SLO-aware policy: no instance predicted to meet the SLO
         self.fallbacks = dict.fromkeys(FALLBACKS, 0)
         self.predict_calls_total = 0
+        self.mirror_predictions_total = 0
+        self.mirror_stale_total = 0  # shortlisted instances whose mirror was past its bound: asked over HTTP
+        self.mirror_over_budget_total = 0  # predictions skipped because the compute budget was spent
         self.cancelled_total = 0
         self.timeouts_total = dict.fromkeys(TIMEOUT_KINDS, 0)
 
@@ -184,7 +207,7 @@ class Scheduler:
     async def _predict(self, cand: Candidate, req: Request, target: str) -> None:
         assert self.client is not None
         self.predict_calls_total += 1
-        body = orjson.dumps(PredictRequest.for_request(req, target).to_dict())
+        body = orjson.dumps(PredictRequest.for_request(req, target, self.policy.wants_impact).to_dict())
         try:
             async with self.client.post(self.registry[cand.name].url + "/predict", data=body,
                                         headers={"content-type": "application/json"}) as resp:
@@ -196,18 +219,51 @@ class Scheduler:
         if reply.predictor:
             self.registry[cand.name].predictor = reply.predictor
 
+    def _predict_mirrored(self, plan: RoutingPlan) -> list[Candidate]:
+        """Predict in-process for the shortlisted instances seen through a current mirror, least loaded
+        first, until the compute budget is spent (the rest decide on load signals: a partial fallback, by
+        construction, not by hoping the event loop is free). Returns those without a current mirror."""
+        assert plan.target is not None
+        deadline = plan.started + self.mirror_budget_s
+        remote = []
+        for c in sorted(plan.shortlist, key=lambda c: c.signals.unfinished_tokens):
+            inst = self.registry[c.name]
+            if inst.view is None:
+                remote.append(c)
+                self.mirror_stale_total += self.prediction_source == "mirror"
+            elif time.perf_counter() >= deadline:
+                self.mirror_over_budget_total += 1
+            else:
+                c.predictions[plan.target] = inst.mirror.predict(inst.view, plan.request, plan.target,
+                                                                 self.policy.wants_impact)
+                self.mirror_predictions_total += 1
+        return remote
+
     async def decide(self, req: Request, rid: str, excluded: set[str]) -> RoutingDecision:
+        prompt = prompt_hashes(req, BLOCK_SIZE)
+        source = self.policy.prefix_source
         try:
-            plan = self.router.plan(req, self.registry.candidates(excluded))
+            plan = self.router.plan(req, self.registry.candidates(excluded, prompt, source, self.prefix_index))
         except NoCandidates as exc:
             raise oa.ApiError(503, self.registry.unavailable()) from exc
         if plan.target is not None:
-            tasks = [asyncio.create_task(self._predict(c, plan.request, plan.target)) for c in plan.shortlist]
-            _, late = await asyncio.wait(tasks, timeout=self.predict_budget_s)
-            for task in late:  # missed the budget: the policy decides without them
-                task.cancel()
-        decision = self.router.decide(plan, request_id=rid, ts=time.time(),
-                                      predictor=self.registry.labels(plan.shortlist))
+            remote = self._predict_mirrored(plan)
+            if remote:
+                tasks = [asyncio.create_task(self._predict(c, plan.request, plan.target)) for c in remote]
+                _, late = await asyncio.wait(tasks, timeout=self.predict_budget_s)
+                for task in late:  # missed the budget: the policy decides without them
+                    task.cancel()
+        try:
+            decision = self.router.decide(plan, request_id=rid, ts=time.time(),
+                                          predictor=self.registry.labels(plan.shortlist))
+        except Rejected as exc:  # no instance is predicted to meet the request's SLO: shed it now
+            self.slo_rejected_total += 1
+            retry = max(1, round(exc.retry_after_s))
+            raise oa.ApiError(429, f"rejected: {exc}; retry after {retry} s",
+                              headers={"retry-after": str(retry)}) from None
+        if source == "approximate" and prompt:
+            signals = self.registry[decision.choice].signals
+            self.prefix_index.record(decision.choice, prompt, signals.total_blocks if signals else 1)
         self.fallbacks[decision.fallback] += 1
         self.decision_latency.observe(decision.decision_s)
         if self.sink.enabled:
@@ -257,13 +313,19 @@ class Scheduler:
         call.admitted = True
         body = await request.body()
         call.parsed = oa.parse_request(body, kind, self.served_models, self.max_model_len)
+        try:
+            call.slo = parse_slo_headers(request.headers)
+        except ProtocolError as exc:
+            raise oa.ApiError(400, str(exc), exc.field) from exc
         return await until_disconnected(request.receive, self._route(call, kind, body))
 
     async def _route(self, call: _Call, kind: str, body: bytes) -> Response:
         parsed = call.parsed
         assert parsed is not None
         estimate = await self._estimate(parsed)
-        req = Request(self.requests_total, call.arrival, parsed.prompt_tokens, 1, estimate)
+        hashes = text_block_hashes(parsed.prompt_text, BLOCK_SIZE)[: parsed.prompt_tokens // BLOCK_SIZE]
+        req = Request(self.requests_total, call.arrival, parsed.prompt_tokens, 1, estimate, block_hashes=hashes,
+                      slo_ttft_s=call.slo[0], slo_tpot_s=call.slo[1])
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         headers = {"content-type": "application/json", REQUEST_ID_HEADER: call.client_rid or call.rid,
                    BLOCK_REQUEST_ID_HEADER: call.rid}
@@ -279,7 +341,7 @@ class Scheduler:
                 raise
             inst = self.registry[choice]
             call.instance = choice
-            self.registry.dispatched(choice, req)
+            self.registry.dispatched(choice, req, call.rid)
             try:
                 resp, first = await self._attempt(inst, path, body, headers, parsed.stream)
             except _Failed as exc:
@@ -355,6 +417,7 @@ class Scheduler:
         if kind in self.timeouts_total:
             self.timeouts_total[kind] += 1
         call.failures.append(f"{inst.name}: {exc}")
+        self.registry.undispatched(inst.name, call.rid)
         call.timed_out = exc.kind.endswith("_timeout")
         self.registry.mark_down(inst, f"failed before the first token: {exc}")
         self.registry.failed(inst, str(exc), gateway=exc.gateway)
@@ -433,39 +496,53 @@ class Scheduler:
         while self.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
-    def metrics_text(self) -> str:
-        lines = [
-            ("block:scheduler_requests_total", "counter", "Requests received.", "", self.requests_total),
-            ("block:scheduler_errors_total", "counter", "Requests answered with an error.", "", self.errors_total),
-            ("block:scheduler_retries_total", "counter", "Retries on another instance.", "", self.retries_total),
-            ("block:scheduler_rejected_total", "counter", "Requests refused with 429: over --max-inflight.", "",
+    def metric_samples(self) -> list[Sample]:
+        lines: list[Sample] = [
+            ("block:scheduler_requests_total", "counter", "Requests received.", {}, self.requests_total),
+            ("block:scheduler_errors_total", "counter", "Requests answered with an error.", {}, self.errors_total),
+            ("block:scheduler_retries_total", "counter", "Retries on another instance.", {}, self.retries_total),
+            ("block:scheduler_rejected_total", "counter", "Requests refused with 429: over --max-inflight.", {},
              self.rejected_total),
-            ("block:scheduler_inflight", "gauge", "Requests admitted and not finished.", "", self.inflight),
-            ("block:scheduler_predict_calls_total", "counter", "Predictions requested from side-cars.", "",
+            ("block:scheduler_slo_rejected_total", "counter",
+             "Requests refused with 429 because no instance was predicted to meet their SLO.", {},
+             self.slo_rejected_total),
+            ("block:scheduler_inflight", "gauge", "Requests admitted and not finished.", {}, self.inflight),
+            ("block:scheduler_predict_calls_total", "counter", "Predictions requested from side-cars.", {},
              self.predict_calls_total),
+            ("block:scheduler_mirror_predictions_total", "counter",
+             "Predictions made in-process from a side-car's mirrored state.", {}, self.mirror_predictions_total),
+            ("block:scheduler_mirror_stale_total", "counter",
+             "Shortlisted instances whose mirror was older than its bound (asked over HTTP instead).", {},
+             self.mirror_stale_total),
+            ("block:scheduler_mirror_over_budget_total", "counter",
+             "Mirror predictions skipped because the decision's compute budget was spent.", {},
+             self.mirror_over_budget_total),
             ("block:scheduler_cancelled_total", "counter",
-             "Client disconnects, streaming or not; each cancelled its upstream request.", "", self.cancelled_total),
-            ("block:scheduler_decision_seconds", "histogram", "Routing decision latency.", "",
+             "Client disconnects, streaming or not; each cancelled its upstream request.", {}, self.cancelled_total),
+            ("block:scheduler_decision_seconds", "histogram", "Routing decision latency.", {},
              self.decision_latency),
         ]
         for kind in TIMEOUT_KINDS:
             lines.append(("block:scheduler_upstream_timeouts_total", "counter",
-                          "Upstream requests that hit a timeout, by kind.", f'kind="{kind}"',
+                          "Upstream requests that hit a timeout, by kind.", {"kind": kind},
                           self.timeouts_total[kind]))
         for kind in ("partial", "all"):
             lines.append(("block:scheduler_prediction_fallbacks_total", "counter",
                           "Decisions where some (partial) or every (all) asked predictor did not answer in time.",
-                          f'kind="{kind}"', self.fallbacks[kind]))
+                          {"kind": kind}, self.fallbacks[kind]))
         now = time.monotonic()
         for inst in self.instances.values():
-            labels = f'instance="{inst.name}"'
+            labels = {"instance": inst.name}
             lines.append(("block:scheduler_instance_up", "gauge", "1 when routable.", labels,
                           int(inst.status == "up" and not inst.ejected(now))))
             lines.append(("block:scheduler_instance_ejected", "gauge", "1 while ejected as an outlier.", labels,
                           int(inst.ejected(now))))
             lines.append(("block:scheduler_ejections_total", "counter", "Outlier ejections.", labels,
                           inst.ejections_total))
-        return render(lines)
+            if self.registry.mirror_max_age_s is not None and inst.mirror.messages_total:
+                lines.append(("block:scheduler_mirror_age_seconds", "gauge",
+                              "Age of the instance's newest mirrored state.", labels, inst.mirror.age()))
+        return lines
 
     def check_admin(self, request: HttpRequest) -> None:
         if not self.admin_token:
@@ -488,6 +565,7 @@ async def _json_object(request: HttpRequest) -> dict:
 
 def build_app(sched: Scheduler) -> Starlette:
     registry = sched.registry
+    exposition = Exposition(sched.metric_samples)  # this scheduler's own Prometheus registry
 
     async def completions(request: HttpRequest) -> Response:
         return await sched.handle(request, "completions")
@@ -505,7 +583,7 @@ def build_app(sched: Scheduler) -> Starlette:
         return JSONResponse({"status": "no instance up", "instances": registry.describe()}, status_code=503)
 
     async def metrics(request: HttpRequest) -> Response:
-        return Response(sched.metrics_text(), media_type="text/plain; version=0.0.4")
+        return Response(exposition.render(), media_type=CONTENT_TYPE)
 
     async def admin_instances(request: HttpRequest) -> Response:
         sched.check_admin(request)
@@ -559,7 +637,10 @@ def build_app(sched: Scheduler) -> Starlette:
         sched.client = sched.session()
         await sched.sink.start()
         await registry.poll_all(sched.client)
-        async with background(registry.poll_forever(sched.client)):
+        tasks = [registry.poll_forever(sched.client)]
+        if registry.mirror_max_age_s is not None:
+            tasks.append(registry.follow_forever(sched.client))
+        async with background(*tasks):
             yield
         await sched.drained(2.0)  # requests cut by the shutdown record their rows before the last flush
         await sched.sink.stop()
@@ -588,7 +669,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--policy", default="block")
     p.add_argument("--served-model-name", action="append", default=None)
     p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--predict-budget-ms", type=float, default=20.0)
+    p.add_argument("--predict-budget-ms", type=float, default=20.0,
+                   help="wait at most this long for side-cars asked /predict over HTTP (stale mirrors, fanout)")
+    p.add_argument("--prediction-source", choices=PREDICTION_SOURCES, default="mirror",
+                   help="mirror: predict in-process from the side-cars' streamed states; fanout: ask each side-car")
+    p.add_argument("--mirror-max-age-ms", type=float, default=250.0,
+                   help="a mirror older than this is not used; that side-car is asked over HTTP (counted)")
+    p.add_argument("--mirror-budget-ms", type=float, default=4.0,
+                   help="in-process prediction time per decision; candidates beyond it fall back to load signals")
     p.add_argument("--collector-url")
     p.add_argument("--run-id", default="live")
     p.add_argument("--journal", help="folder where request and decision rows are journalled before they are "
@@ -611,6 +699,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eject-base-s", type=float, default=od.base_ejection_s,
                    help="ejection time, multiplied by the number of times the instance was ejected")
     p.add_argument("--eject-max-s", type=float, default=od.max_ejection_s, help="longest ejection")
+    p.add_argument("--eject-max-percent", type=float, default=od.max_ejection_percent,
+                   help="most instances ejected at once, in percent (one always may be)")
     p.add_argument("--graceful-timeout", type=float, default=5.0,
                    help="seconds open responses get after SIGTERM before they are cut and the rows flushed")
     args = p.parse_args(argv)
@@ -625,7 +715,7 @@ def main(argv: list[str] | None = None) -> None:
         cluster_token = token_for(args.host, "scheduler")
         timeouts = Timeouts(args.connect_timeout, args.first_byte_timeout, args.idle_timeout, args.response_timeout)
         outliers = OutlierDetection(args.eject_consecutive_5xx, args.eject_consecutive_gateway, args.eject_base_s,
-                                    args.eject_max_s)
+                                    args.eject_max_s, args.eject_max_percent)
     except ValueError as exc:
         p.error(str(exc))
     estimator = None
@@ -638,7 +728,9 @@ def main(argv: list[str] | None = None) -> None:
                           predict_budget_s=args.predict_budget_ms / 1e3, admin_token=admin,
                           sink=EventSink(args.collector_url, args.run_id, journal=args.journal), estimator=estimator,
                           timeouts=timeouts, outliers=outliers, max_inflight=args.max_inflight,
-                          max_retries=args.max_retries, cluster_token=cluster_token)
+                          max_retries=args.max_retries, cluster_token=cluster_token,
+                          prediction_source=args.prediction_source, mirror_max_age_s=args.mirror_max_age_ms / 1e3,
+                          mirror_budget_s=args.mirror_budget_ms / 1e3)
     except ValueError as exc:
         p.error(str(exc))
 

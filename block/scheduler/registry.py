@@ -5,6 +5,10 @@ Stateless across processes: each scheduler keeps only its own not-yet-visible di
 hold the truth, so several schedulers can serve one cluster. A poll survives any reply: a side-car that
 answers garbage is marked down with the reason, never stops the loop.
 
+With mirrors on (``mirror_max_age_s``), each instance's side-car also streams its state to a ``Mirror``;
+an instance whose mirror is current is seen through it (fresher than the poll, and with what a prediction
+needs), and this scheduler's dispatches stop counting exactly when the side-car reports them.
+
 Polling alone misses an instance that answers ``/state`` but not requests (a hung engine behind a live
 side-car, a side-car stuck on one route). Outlier detection, as Envoy does it, catches that from the
 requests themselves: consecutive 5xx answers or consecutive gateway failures (connection errors,
@@ -24,8 +28,13 @@ import aiohttp
 import orjson
 
 from block.policies import Candidate
+from block.prefix_index import ApproximatePrefixIndex
 from block.protocol import LoadSignals, ProtocolError, SideCarStatus
+from block.routing import StateView
+from block.scheduler.mirror import Mirror
 from simulator.workload import LengthPrior, Request
+
+PENDING_TTL_S = 10.0  # a dispatch no state ever showed (lost before the side-car saw it) stops counting
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +45,14 @@ class OutlierDetection:
     upstream 5xx and a local failure alike), ``consecutive_gateway_failure`` counts 502/503/504 and local
     failures (connect errors, timeouts, broken streams); reaching either ejects the instance for
     ``base_ejection_s`` times the number of times it was ejected, at most ``max_ejection_s``. That
-    multiplier drops by one for every ``base_ejection_s`` the instance then stays healthy."""
+    multiplier drops by one for every ``base_ejection_s`` the instance then stays healthy. At most
+    ``max_ejection_percent`` of the instances are ejected at once, but one always may be (Envoy's rule)."""
 
     consecutive_5xx: int = 5
     consecutive_gateway_failure: int = 5
     base_ejection_s: float = 30.0
     max_ejection_s: float = 300.0
+    max_ejection_percent: float = 10.0
 
     def __post_init__(self) -> None:
         if self.consecutive_5xx < 1 or self.consecutive_gateway_failure < 1:
@@ -49,6 +60,18 @@ class OutlierDetection:
         if self.base_ejection_s <= 0 or self.max_ejection_s < self.base_ejection_s:
             raise ValueError(f"outlier detection: need 0 < base ejection ({self.base_ejection_s} s) <= max "
                              f"ejection ({self.max_ejection_s} s)")
+        if not 0 <= self.max_ejection_percent <= 100:
+            raise ValueError(f"outlier detection: max ejection percent must be in [0, 100], got "
+                             f"{self.max_ejection_percent}")
+
+
+@dataclass
+class Dispatch:
+    """A request this scheduler sent to an instance, counted until the instance's state shows it."""
+
+    at: float  # time.monotonic()
+    rid: str  # the scheduler's request id, which the side-car reports back in its state stream
+    request: Request
 
 
 @dataclass
@@ -59,7 +82,9 @@ class Instance:
     reason: str = ""
     signals: LoadSignals | None = None
     predictor: str = ""  # the side-car's honesty label
-    pending: list[tuple[float, Request]] = field(default_factory=list)
+    pending: list[Dispatch] = field(default_factory=list)
+    mirror: Mirror = field(init=False)
+    view: StateView | None = None  # the mirrored state behind this decision's candidate; None: polled signals
     dispatched_total: int = 0
     failures: int = 0
     consecutive_5xx: int = 0
@@ -69,6 +94,9 @@ class Instance:
     ejected_until: float = 0.0  # time.monotonic(); 0 when not ejected
     ejected_reason: str = ""
     returned_at: float = 0.0  # when the last ejection ended (the multiplier decays from there)
+
+    def __post_init__(self) -> None:
+        self.mirror = Mirror(self.name)
 
     def ejected(self, now: float | None = None) -> bool:
         return self.ejected_until > (time.monotonic() if now is None else now)
@@ -80,17 +108,18 @@ class Instance:
                 "ejected": left > 0, "ejected_for_s": round(left, 3),
                 "ejected_reason": self.ejected_reason if left > 0 else "", "ejections_total": self.ejections_total,
                 "consecutive_5xx": self.consecutive_5xx, "consecutive_gateway_failures": self.consecutive_gateway,
-                "signals": asdict(self.signals) if self.signals else None}
+                "signals": asdict(self.signals) if self.signals else None, "mirror": self.mirror.describe()}
 
 
 class Registry:
     def __init__(self, instances: dict[str, str], *, poll_interval: float = 0.1, poll_timeout: float = 1.0,
-                 outliers: OutlierDetection | None = None):
+                 outliers: OutlierDetection | None = None, mirror_max_age_s: float | None = None):
         self.instances = {name: Instance(name, url.rstrip("/")) for name, url in instances.items()}
         self.poll_interval = poll_interval
         self.poll_timeout = poll_timeout
         self.outliers = outliers or OutlierDetection()
         self.prior = LengthPrior.embedded()
+        self.mirror_max_age_s = mirror_max_age_s  # None: mirrors off, side-cars are asked over HTTP
 
     def __getitem__(self, name: str) -> Instance:
         return self.instances[name]
@@ -149,6 +178,11 @@ class Registry:
             log.warning("instance %s not ejected: it is the last routable instance (%s)", inst.name, reason)
             return False
         od = self.outliers
+        ejected = sum(i.ejected(now) for i in self.instances.values())
+        if ejected and 100.0 * (ejected + 1) / len(self.instances) > od.max_ejection_percent:
+            log.warning("instance %s not ejected: %d of %d already are (max %.0f%%; %s)", inst.name, ejected,
+                        len(self.instances), od.max_ejection_percent, reason)
+            return False
         if inst.ejections and inst.returned_at:
             inst.ejections = max(0, inst.ejections - int((now - inst.returned_at) // od.base_ejection_s))
         inst.ejections += 1
@@ -168,6 +202,8 @@ class Registry:
         inst.reason = reason
 
     async def poll_one(self, client: aiohttp.ClientSession, inst: Instance) -> None:
+        if inst.status == "up" and self.mirrored(inst) and inst.mirror.engine_ok:
+            return  # a current state stream says all a poll would, and fresher
         started = time.monotonic()
         try:
             async with client.get(inst.url + "/state?requests=0",
@@ -183,7 +219,8 @@ class Registry:
             return
         inst.signals = status.signals
         inst.predictor = status.predictor
-        inst.pending = [(t, r) for t, r in inst.pending if t >= started]
+        if not self.mirrored(inst):  # a current mirror prunes dispatches by id, exactly
+            inst.pending = [d for d in inst.pending if d.at >= started]
         if not status.engine_ok:
             self.mark_down(inst, status.engine_error or "engine down")
         elif inst.status == "down":
@@ -197,21 +234,84 @@ class Registry:
             await self.poll_all(client)
             await asyncio.sleep(self.poll_interval)
 
-    def candidates(self, excluded: set[str]) -> list[Candidate]:
-        """Routable instances, each with its polled signals plus this scheduler's unseen dispatches."""
+    async def follow_forever(self, client: aiohttp.ClientSession) -> None:
+        """One state stream per instance, for instances added and removed at run time too."""
+        tasks: dict[str, tuple[Instance, asyncio.Task]] = {}
+        try:
+            while True:
+                for name, (inst, task) in list(tasks.items()):
+                    if self.instances.get(name) is not inst:
+                        task.cancel()
+                        del tasks[name]
+                for name, inst in self.instances.items():
+                    if name not in tasks:
+                        tasks[name] = (inst, asyncio.create_task(inst.mirror.follow(client, inst.url)))
+                await asyncio.sleep(self.poll_interval)
+        finally:
+            for _, task in tasks.values():
+                task.cancel()
+
+    def mirrored(self, inst: Instance) -> bool:
+        """Whether decisions see this instance through its mirror (mirrors on and the mirror current)."""
+        return self.mirror_max_age_s is not None and inst.mirror.usable(self.mirror_max_age_s)
+
+    def _mirrored_view(self, inst: Instance, now: float) -> StateView | None:
+        """The instance's mirrored state with this scheduler's dispatches it does not show yet, or None when
+        its mirror is not current (or its newest message does not parse)."""
+        if not self.mirrored(inst):
+            return None
+        try:
+            state = inst.mirror.state()
+        except ProtocolError as exc:
+            log.warning("instance %s: %s", inst.name, exc)
+            return None
+        if not state.engine_ok:
+            return None
+        seen = set(state.rids)
+        seen.update(state.done)
+        inst.pending = [d for d in inst.pending if d.rid not in seen and now - d.at < PENDING_TTL_S]
+        assert inst.mirror.model is not None
+        inst.predictor = inst.mirror.model.predictor.label
+        return inst.mirror.view([d.request for d in inst.pending])
+
+    def candidates(self, excluded: set[str], prompt: tuple[int, ...] = (), source: str | None = None,
+                   index: ApproximatePrefixIndex | None = None) -> list[Candidate]:
+        """Routable instances as the policy sees them: through a current mirror (its state, prefix cache and
+        this scheduler's unseen dispatches), else from polled signals plus those dispatches. Each instance's
+        ``view`` says which, for the predictions that follow. ``prompt``: the request's block hashes;
+        ``source``: the prefix knowledge the policy reads (exact: the mirrored cache; approximate: ``index``,
+        what this scheduler routed where)."""
         out = []
         now = time.monotonic()
         for inst in self.instances.values():
+            inst.view = None
             if inst.status != "up" or inst.name in excluded or inst.signals is None or inst.ejected(now):
                 continue
-            pending = [r for _, r in inst.pending]
-            out.append(Candidate(inst.name, inst.signals.plus(pending, self.prior), len(pending)))
+            inst.view = self._mirrored_view(inst, now)
+            if inst.view is not None:
+                cand = inst.view.candidate(inst.name, prompt, self.prior, source, index)
+                cand.capacity = inst.mirror.capacity(inst.view.state.config)
+                out.append(cand)
+                continue
+            pending = [d.request for d in inst.pending]
+            cand = Candidate(inst.name, inst.signals.plus(pending, self.prior), len(pending))
+            cand.capacity = inst.mirror.known_capacity or cand.capacity
+            if source == "approximate" and index is not None:  # the router's own knowledge needs no mirror
+                cand.matched_blocks, cand.tree_blocks = index.match(inst.name, prompt), index.size(inst.name)
+                cand.prompt_blocks, cand.prefix_source = len(prompt), source
+            out.append(cand)
         return out
 
-    def dispatched(self, name: str, request: Request) -> None:
+    def dispatched(self, name: str, request: Request, rid: str) -> None:
         inst = self.instances[name]
-        inst.pending.append((time.monotonic(), request))
+        inst.pending.append(Dispatch(time.monotonic(), rid, request))
         inst.dispatched_total += 1
+
+    def undispatched(self, name: str, rid: str) -> None:
+        """The dispatch failed before the instance took it: stop counting it there."""
+        inst = self.instances.get(name)
+        if inst is not None:
+            inst.pending = [d for d in inst.pending if d.rid != rid]
 
     def labels(self, candidates: Sequence[Candidate]) -> str:
         """The honesty labels of these candidates' predictors, one when they agree."""
