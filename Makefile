@@ -5,17 +5,24 @@ PYTHON ?= python3
 # The simulator core is compiled with mypyc at install; rebuild whenever its sources change.
 CORE := simulator/engine.py simulator/timing.py
 
-.PHONY: demo test lint clean vllm-venv
+.PHONY: demo lab test lint clean vllm-venv
 
 $(VENV)/.installed: pyproject.toml setup.py $(CORE)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0  # the CPU build, before anything can pull a CUDA one
 	$(PY) -m pip install -q -e '.[dev,length]'
+	$(PY) -m ipykernel install --sys-prefix --name block-workbench --display-name "Block Workbench"
 	touch $@
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/block demo --workspace workspace/demo --time-scale 4 --qps 30 --requests 400 --max-output 512
+
+# JupyterLab (installed by the dev extra) on loopback only, in notebooks/, with the project's kernel
+# "Block Workbench". Extra flags in LAB_FLAGS (e.g. --no-browser, or --allow-root in a root container).
+LAB_FLAGS ?=
+lab: $(VENV)/.installed
+	cd notebooks && $(abspath $(VENV))/bin/jupyter lab --ip 127.0.0.1 --port 8888 $(LAB_FLAGS)
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -11,7 +11,9 @@ The collector is reachable by every service of a cluster, so it trusts no reques
   write a file, reach the network, load an extension or change a setting, whatever a parser lets through.
 - ``/query`` takes exactly one statement, of DuckDB's own statement type SELECT, runs it on its own cursor
   inside a READ ONLY transaction (a SELECT may hold a data-modifying CTE), returns at most ``max_rows``
-  rows (``truncated`` says when there were more) and is interrupted after ``query_timeout_s``.
+  rows (``truncated`` says when there were more) and is interrupted after ``query_timeout_s``. It answers
+  JSON rows, or with ``"format": "arrow"`` an Arrow IPC stream (``x-block-truncated`` says whether it was
+  cut): the live dashboard's incremental reads decode columns instead of parsing rows.
 - Queries, snapshots and writes run in worker threads, never on the event loop, so ``/events`` and
   ``/health`` answer while a query runs; a client that leaves interrupts its query.
 - Every table has a primary key (``event_id`` where there is no natural one) and a batch is written in one
@@ -42,7 +44,9 @@ import duckdb
 import numpy as np
 import orjson
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
@@ -69,6 +73,9 @@ _LOCKED_DOWN = {
 _MAX_PROBLEMS = 5  # a batch with a systematic mistake names a few rows, not thousands
 _DISCONNECT_POLL_S = 0.25
 _SNAPSHOT_BATCH_ROWS = 65_536
+_ARROW_BATCH_ROWS = 8_192
+ARROW_MEDIA_TYPE = "application/vnd.apache.arrow.stream"
+TRUNCATED_HEADER = "x-block-truncated"
 
 
 class StoreError(ValueError):
@@ -178,6 +185,40 @@ class QueryResult:
         return pd.DataFrame(self.rows, columns=self.columns)
 
 
+@dataclass(frozen=True)
+class ArrowResult:
+    table: pa.Table
+    truncated: bool  # as QueryResult's: the table holds the first ``max_rows`` rows of more
+
+    def ipc(self) -> bytes:
+        """The table as one Arrow IPC stream (what ``pyarrow.ipc.open_stream`` reads)."""
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, self.table.schema) as out:
+            out.write_table(self.table)
+        return sink.getvalue().to_pybytes()
+
+
+def _fetch_rows(cursor: duckdb.DuckDBPyConnection, statement: duckdb.Statement, args: list[Param],
+                max_rows: int) -> QueryResult:
+    cursor.execute(statement, args)
+    columns = [d[0] for d in cursor.description or ()]
+    rows = cursor.fetchmany(max_rows + 1)
+    return QueryResult(columns, rows[:max_rows], len(rows) > max_rows)
+
+
+def _fetch_arrow(cursor: duckdb.DuckDBPyConnection, statement: duckdb.Statement, args: list[Param],
+                 max_rows: int) -> ArrowResult:
+    """Record batches up to one past the cap, so a huge result is never materialised whole."""
+    reader = cursor.sql(statement.query, params=args).to_arrow_reader(_ARROW_BATCH_ROWS)
+    batches, n = [], 0
+    for batch in reader:
+        batches.append(batch)
+        n += batch.num_rows
+        if n > max_rows:
+            break
+    return ArrowResult(pa.Table.from_batches(batches, reader.schema).slice(0, max_rows), n > max_rows)
+
+
 class Query:
     """One read-only query: run() in a worker thread on its own cursor; cancel() from any thread.
 
@@ -185,10 +226,11 @@ class Query:
     one (the timer firing as the query ends) lands on a cursor that is about to be closed.
     """
 
-    def __init__(self, store: Store, sql: str, params: object = None):
+    def __init__(self, store: Store, sql: str, params: object = None, *, arrow: bool = False):
         if not isinstance(sql, str):
             raise StoreError(f"sql must be a string, got {type(sql).__name__}")
         self.store = store
+        self.fetch = _fetch_arrow if arrow else _fetch_rows
         self.sql = sql
         self.args = _check_params(params)
         self._lock = threading.Lock()
@@ -196,7 +238,7 @@ class Query:
         self._cancelled = False
         self._timed_out = False
 
-    def run(self) -> QueryResult:
+    def run(self) -> QueryResult | ArrowResult:
         limit_s, max_rows = self.store.query_timeout_s, self.store.max_rows
         with self._lock:
             if self._cancelled:
@@ -208,10 +250,10 @@ class Query:
         try:
             statement = _one_select(cursor, self.sql)
             cursor.execute("BEGIN TRANSACTION READ ONLY")
-            cursor.execute(statement, self.args)
-            columns = [d[0] for d in cursor.description or ()]
-            rows = cursor.fetchmany(max_rows + 1)
-        except duckdb.InterruptException as exc:
+            result = self.fetch(cursor, statement, self.args, max_rows)
+        except (duckdb.InterruptException, pa.ArrowException) as exc:  # Arrow: interrupted mid-stream
+            if not (self._timed_out or self._cancelled):
+                raise StoreError(f"query failed: {exc}") from exc
             if self._timed_out:
                 raise QueryTimeout(f"query interrupted after {limit_s:g} s, the collector's time limit "
                                    "(--query-timeout); narrow it with WHERE or LIMIT, or read a snapshot") from exc
@@ -224,7 +266,7 @@ class Query:
             with self._lock:
                 self._cursor = None
             cursor.close()
-        return QueryResult(columns, rows[:max_rows], len(rows) > max_rows)
+        return result
 
     def _expire(self) -> None:
         self._timed_out = True
@@ -323,7 +365,11 @@ class Store:
 
     def query(self, sql: str, params: Sequence[Param] | None = None) -> QueryResult:
         """A read-only query; values go in ``params`` (DuckDB ``?`` placeholders), never into ``sql``."""
-        return Query(self, sql, params).run()
+        return Query(self, sql, params).run()  # type: ignore[return-value]
+
+    def query_arrow(self, sql: str, params: Sequence[Param] | None = None) -> ArrowResult:
+        """The same read-only query, answered as an Arrow table."""
+        return Query(self, sql, params, arrow=True).run()  # type: ignore[return-value]
 
     def snapshot(self, name: str) -> list[str]:
         """Every table as Parquet under ``<workspace>/snapshots/<name>/``, all read in one transaction so
@@ -397,6 +443,10 @@ def build_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES, max_queries
     too_large = (f"request body over the collector's limit of {max_body_bytes} bytes "
                  f"({max_body_bytes / 2**20:g} MiB); send smaller batches")
     busy = f"the collector is already running {max_queries} queries; retry shortly"
+    registry = CollectorRegistry()  # this collector's own /metrics, not the process-global registry
+    rows_inserted = Counter("block:collector_rows_inserted", "Rows written, by table.", ["table"], registry=registry)
+    answered = Counter("block:collector_requests", "Answers to /events, /query and /snapshot, by route and status.",
+                       ["route", "status"], registry=registry)
 
     async def events(request: HttpRequest) -> Response:
         try:
@@ -414,16 +464,22 @@ def build_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES, max_queries
             counts = await asyncio.get_running_loop().run_in_executor(writer, store.insert_batch, batch)
         except StoreError as exc:
             return _error(400, str(exc))
+        for table, n in counts.items():
+            rows_inserted.labels(table).inc(n)
         return Response(orjson.dumps({"inserted": counts}), media_type="application/json")
 
     async def query(request: HttpRequest) -> Response:
-        usage = 'query body is {"sql": "SELECT ... WHERE x = ?", "params": [scalars]} (params optional)'
+        usage = ('query body is {"sql": "SELECT ... WHERE x = ?", "params": [scalars], "format": "json" or "arrow"} '
+                 '(params and format optional)')
         try:
             body = orjson.loads(await _body(request, max_body_bytes))
-            job = Query(store, body["sql"], body.get("params"))
+            fmt = body.get("format", "json")
+            if fmt not in ("json", "arrow"):
+                return _error(400, f'query format must be "json" or "arrow", got {fmt!r:.40}')
+            job = Query(store, body["sql"], body.get("params"), arrow=fmt == "arrow")
         except _BodyTooLarge:
             return _error(413, too_large)
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return _error(400, usage)
         except StoreError as exc:
             return _error(400, str(exc))
@@ -441,6 +497,10 @@ def build_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES, max_queries
                 return _error(504, str(exc))
             except StoreError as exc:
                 return _error(400, str(exc))
+        if isinstance(result, ArrowResult):
+            body = await asyncio.get_running_loop().run_in_executor(readers, result.ipc)
+            return Response(body, media_type=ARROW_MEDIA_TYPE,
+                            headers={TRUNCATED_HEADER: "true" if result.truncated else "false"})
         payload = {"columns": result.columns, "rows": result.rows, "truncated": result.truncated}
         return Response(orjson.dumps(payload, default=_json_value), media_type="application/json")
 
@@ -463,6 +523,16 @@ def build_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES, max_queries
     async def health(request: HttpRequest) -> Response:
         return Response(orjson.dumps({"db": str(store.path)}), media_type="application/json")
 
+    async def metrics(request: HttpRequest) -> Response:
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def counted(route: str, handler: typing.Callable[[HttpRequest], typing.Awaitable[Response]]) -> Route:
+        async def endpoint(request: HttpRequest) -> Response:
+            response = await handler(request)
+            answered.labels(route, str(response.status_code)).inc()
+            return response
+        return Route(route, endpoint, methods=["POST"])
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> typing.AsyncIterator[None]:
         yield
@@ -472,10 +542,11 @@ def build_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES, max_queries
         store.close()
 
     return Starlette(routes=[
-        Route("/events", events, methods=["POST"]),
-        Route("/query", query, methods=["POST"]),
-        Route("/snapshot", snapshot, methods=["POST"]),
+        counted("/events", events),
+        counted("/query", query),
+        counted("/snapshot", snapshot),
         Route("/health", health),
+        Route("/metrics", metrics),
     ], lifespan=lifespan)
 
 
@@ -492,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
     token = token_for(args.host, "collector")
     app = build_app(Store(args.db, query_timeout_s=args.query_timeout, max_rows=args.max_rows))
     uvicorn.run(TokenGuard(app, token, ("/events", "/query", "/snapshot")), host=args.host, port=args.port,
-                log_level="warning", access_log=False)
+                log_level="info", access_log=False)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Dashboards in real headless Chromium: the page loads, plots render, values change as a run streams in."""
+"""Dashboards: the live one's incremental Arrow reads against a real collector, and both pages in real
+headless Chromium with every request off 127.0.0.1 blocked: they load, plots render, values change as a run
+streams in."""
 
 import asyncio
 import contextlib
@@ -9,23 +11,157 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+import orjson
+import pyarrow as pa
 import pytest
 
 from block.engines.settings import EngineSettings
 from simulator.workload import Request
+from store.collector import Store, build_app
+from store.read import Reader
+from store.schema import DecisionRow, InstanceSampleRow, ProvisioningRow, RequestRow
 from workbench.cli import main as block_cli
 from workbench.cluster import free_port
 from workbench.loadgen import run_load
 from workbench.local import LocalCluster
 
+from .servers import serve
+
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("BLOCK_TEST_ARTIFACTS", ROOT / "results" / "test-artifacts"))
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing (apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                    reason=f"{CHROMIUM} missing (apt-get install chromium)")
+
+
+def rows(run: str, t0: float, n: int, *, policy: str = "block") -> list:
+    """n completed requests of one run, one every 0.1 s from t0, with their decisions and side-car samples;
+    every 10th failed, every 7th decided on a fallback, predictions (block only) 10 % high."""
+    out: list = []
+    predictive = policy == "block"
+    for i in range(n):
+        t, rid = t0 + 0.1 * i, f"{run}-r{i}"
+        out += [RequestRow(run_id=run, request_id=rid, source="scheduler", instance=f"i{i % 2}", policy=policy,
+                           arrival_ts=t - 1.0, first_token_ts=t - 0.8, finish_ts=t, prompt_tokens=10,
+                           output_tokens=5, ttft=0.2, e2e=1.0 + 0.01 * i, status="error" if i % 10 == 0 else "ok"),
+                DecisionRow(run_id=run, request_id=rid, ts=t - 1.0, policy=policy, chosen=f"i{i % 2}",
+                            decision_ms=0.5, target="e2e", considered=2, asked=2,
+                            fallback="partial" if i % 7 == 0 else "none", predictor="live",
+                            predicted_ttft=0.1 if predictive else None,
+                            predicted_e2e=1.1 * (1.0 + 0.01 * i) if predictive else None, candidates="[]"),
+                InstanceSampleRow(run_id=run, ts=t, instance=f"i{i % 2}", running=3, waiting=1, kv_usage=0.25,
+                                  preemptions=0, tracked=4)]
+    return out
+
+
+def test_collector_answers_arrow_under_the_same_rules(tmp_path):
+    with serve(build_app(Store(tmp_path / "ws.duckdb", max_rows=1000))) as url:
+        def query(sql: str, params: list, fmt: str = "arrow") -> httpx.Response:
+            return httpx.post(url + "/query", content=orjson.dumps({"sql": sql, "params": params, "format": fmt}))
+
+        whole = query("SELECT range AS i, ? AS s FROM range(?)", ["x", 10])
+        assert whole.headers["content-type"] == "application/vnd.apache.arrow.stream"
+        table = pa.ipc.open_stream(whole.content).read_all()
+        assert (table.column_names, table.num_rows, whole.headers["x-block-truncated"]) == (["i", "s"], 10, "false")
+        capped = query("SELECT range AS i FROM range(?)", [5000])
+        assert (pa.ipc.open_stream(capped.content).read_all().num_rows, capped.headers["x-block-truncated"]) == (
+            1000, "true")
+        assert "only SELECT" in query("DELETE FROM requests", []).json()["error"]["message"]
+        assert "exactly one statement" in query("SELECT 1; SELECT 2", []).json()["error"]["message"]
+        bad = query("SELECT 1", [], fmt="csv")
+        assert bad.status_code == 400 and 'format must be "json" or "arrow"' in bad.json()["error"]["message"]
+        with pytest.raises(ValueError, match=r"cut the result at its row cap \(1000 rows\)"):
+            Reader(collector_url=url).sql("SELECT range FROM range(2000)")
+
+
+def test_tail_reads_only_rows_after_a_time_of_one_run_and_policy(tmp_path):
+    now = time.time()
+    store = Store(tmp_path / "ws.duckdb")
+    store.insert_rows(rows("run-a", now - 20, 50) + rows("run-b", now - 20, 5, policy="least_requests"))
+    with serve(build_app(store)) as url:
+        reader = Reader(collector_url=url)
+        try:
+            recent = reader.tail("requests", now - 17.05)
+            assert len(recent) == 20 + 0 and recent["t"].is_monotonic_increasing  # run-b ended at now - 19.6
+            assert set(reader.tail("requests", 0, run_id="run-b")["policy"]) == {"least_requests"}
+            assert reader.tail("decisions", 0, policy="block")["policy"].unique().tolist() == ["block"]
+            outcomes = reader.tail("outcomes", 0, run_id="run-a")
+            assert len(outcomes) == 45 and (outcomes["predicted_e2e"] > outcomes["e2e"]).all()  # failed excluded
+            assert len(reader.tail("instance_samples", now - 1.05, limit=3)) == 0
+            assert len(reader.tail("instance_samples", 0, limit=3)) == 3
+            with pytest.raises(ValueError, match="unknown table 'runs'"):
+                reader.tail("runs", 0)
+            assert list(reader.live_runs()["run_id"]) == ["run-b", "run-a"]
+        finally:
+            reader.close()
+
+
+def settle(view) -> None:
+    """Ticks until every plot has had its batched points (each plot is flushed every few ticks)."""
+    from dashboards.live import FLUSH_EVERY
+
+    for _ in range(max(every for every, _ in FLUSH_EVERY.values())):
+        view.apply(view.poll(view.generation, None, None, True))
+
+
+def test_live_view_appends_only_what_is_new(tmp_path):
+    from dashboards.live import ALL, BUCKET_S, WINDOW_S, LiveView
+
+    now = time.time()
+    store = Store(tmp_path / "ws.duckdb")
+    with serve(build_app(store)) as url:
+        empty = LiveView(Reader(collector_url=url))
+        settle(empty)
+        assert empty.hint.visible and "no requests yet" in empty.hint.object
+        assert len(empty.streams["stats"].data) >= WINDOW_S / BUCKET_S - 2  # the window's buckets, empty ones too
+        assert empty.streams["stats"].data["requests_s"].eq(0).all()
+        empty.close()
+
+        run_a = rows("run-a", now - 60, 100)
+        store.insert_rows(run_a)
+        view = LiveView(Reader(collector_url=url))
+        try:
+            settle(view)
+            assert (view.completed.value, view.failed.value, view.fallbacks.value) == (90, 10, 15)
+            assert len(view.streams["outcomes"].data) == 90 and len(view.streams["samples"].data) == 100
+            assert view.mape.value == pytest.approx(10, abs=0.5)  # every prediction 10 % high
+            assert view.rank.value == pytest.approx(100)  # and in the right order
+            assert view.run.options == [ALL, "run-a"] and "no requests yet" not in view.hint.object
+            stats = view.streams["stats"].data
+            assert stats["requests_s"].sum() * BUCKET_S == pytest.approx(90)  # every request in one bucket
+            assert stats["time"].is_monotonic_increasing and stats["time"].is_unique
+
+            store.insert_rows(run_a)  # the same rows again (a resent batch): nothing new
+            store.insert_rows(rows("run-b", now - 5, 10, policy="least_requests"))
+            store.insert_rows([ProvisioningRow(run_id="run-b", ts=now - 4, action="add", instance="i2",
+                                               reason="slo", signal="ttft", value=4.0, threshold=3.0, status="ok",
+                                               instances=3)])
+            settle(view)
+            assert view.completed.value == 90 + 9 and len(view.streams["samples"].data) == 110
+            assert len(view.streams["events"].data) == 1
+            assert view.run.options == [ALL, "run-b", "run-a"] and view.policy.options == [
+                ALL, "block", "least_requests"]
+
+            view.run.value = "run-b"  # a new selection starts over, from that run's rows only
+            asyncio.run(view.tick())
+            assert view.completed.value == 9 and len(view.streams["outcomes"].data) == 0  # no predictions
+            assert "no predicted-vs-realised points" in view.hint.object
+        finally:
+            view.close()
+
+
+def test_live_view_says_when_the_store_is_unreachable():
+    from dashboards.live import LiveView
+
+    view = LiveView(Reader(collector_url=f"http://127.0.0.1:{free_port()}"))
+    asyncio.run(view.tick())
+    assert view.status.object.startswith("**Store unreachable**") and not view.busy
+    view.close()
 
 
 @contextlib.contextmanager
@@ -51,6 +187,7 @@ def panel_serve(script: str, args: list[str]):
 
 
 def browser():
+    """Headless Chromium; pages from it go through ``offline`` so nothing leaves 127.0.0.1."""
     from playwright.sync_api import sync_playwright
 
     pw = sync_playwright().start()
@@ -60,12 +197,28 @@ def browser():
     return pw, b
 
 
+def offline(page) -> list[str]:
+    """Abort every request of ``page`` not to 127.0.0.1; the list of what was blocked."""
+    blocked: list[str] = []
+
+    def route(r):
+        if urlsplit(r.request.url).hostname == "127.0.0.1" or r.request.url.startswith(("data:", "blob:")):
+            r.continue_()
+        else:
+            blocked.append(r.request.url)
+            r.abort()
+
+    page.route("**/*", route)
+    return blocked
+
+
 def completed_value(page) -> int:
     text = page.locator("text=requests completed").first.locator("xpath=..").inner_text()
     digits = "".join(ch for ch in text.split("requests completed")[-1] if ch.isdigit())
     return int(digits or 0)
 
 
+@needs_chromium
 def test_live_dashboard_updates_while_a_run_streams_in(tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     engine = EngineSettings(time_scale=10.0)
@@ -77,8 +230,12 @@ def test_live_dashboard_updates_while_a_run_streams_in(tmp_path):
         pw, b = browser()
         try:
             page = b.new_page(viewport={"width": 1400, "height": 1000})
+            blocked = offline(page)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(url)
             page.wait_for_selector("canvas", timeout=30000)
+            page.wait_for_selector("text=Waiting for data", timeout=30000)  # nothing sent yet: the page says so
             first = completed_value(page)
             load.start()
             deadline = time.monotonic() + 30
@@ -88,8 +245,10 @@ def test_live_dashboard_updates_while_a_run_streams_in(tmp_path):
                 later = completed_value(page)
             time.sleep(3.0)  # let a few refreshes render the plots for the screenshot
             page.screenshot(path=str(ARTIFACTS / "live_dashboard.png"), full_page=True)
-            assert page.locator("canvas").count() >= 3
+            assert page.locator(".bk-Figure").count() == 7  # load, predictions, five time plots
             assert later > first, "the completed-requests value never changed"
+            assert page.locator("text=E2E rank accuracy").count() == 1
+            assert (blocked, errors) == ([], [])
         finally:
             b.close()
             pw.stop()
@@ -97,6 +256,7 @@ def test_live_dashboard_updates_while_a_run_streams_in(tmp_path):
                 load.join()
 
 
+@needs_chromium
 def test_results_dashboard_renders_finished_runs(tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with LocalCluster(tmp_path / "ws", instances=1, policy="least_requests",
