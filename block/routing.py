@@ -94,6 +94,7 @@ class StateView:
     state: InstanceState
     cache: ExactPrefixView | BlockSet  # offline: the state's own cache tree; live: the mirrored block set
     pending: list[Request] = field(default_factory=list)
+    _base: tuple[LengthPrior, LoadSignals] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def of(cls, state: InstanceState, seen_at: float) -> StateView:
@@ -103,7 +104,7 @@ class StateView:
                   index: ApproximatePrefixIndex | None = None) -> Candidate:
         """The instance as a policy sees it; ``source``: the prefix knowledge the policy reads (exact: this
         state's cache; approximate: the router's own ``index``; None: none)."""
-        signals = LoadSignals.from_state(self.state, prior, self.pending, self.cache)
+        signals = self.signals(prior)
         if source == "exact":
             matched, tree = self.cache.match(prompt), self.cache.size
         elif source == "approximate" and index is not None:
@@ -112,6 +113,15 @@ class StateView:
             return Candidate(name, signals, len(self.pending))
         return Candidate(name, signals, len(self.pending), matched_blocks=matched, prompt_blocks=len(prompt),
                          tree_blocks=tree, prefix_source=source)
+
+    def signals(self, prior: LengthPrior) -> LoadSignals:
+        """The state's load signals plus the unseen dispatches; the state's own part is computed once per state
+        (a router decides many times on one state)."""
+        if self._base is None or self._base[0] is not prior:
+            self._base = (prior, LoadSignals.from_state(self.state, prior, (), self.cache))
+        bs = self.state.config.block_size
+        return self._base[1].plus(self.pending, prior, bs, [self.cache.match(prompt_hashes(r, bs))
+                                                            for r in self.pending])
 
     def predict(self, predictor: Predictor, name: str, request: Request, target: str, now: float,
                 with_impact: bool = False) -> Prediction:
@@ -132,8 +142,10 @@ class Router:
     def __init__(self, policy: Policy):
         self.policy = policy
 
-    def plan(self, request: Request, candidates: Sequence[Candidate]) -> RoutingPlan:
-        started = time.perf_counter()
+    def plan(self, request: Request, candidates: Sequence[Candidate], started: float | None = None) -> RoutingPlan:
+        """``started``: perf_counter() when the caller began building the candidates, so that a decision's
+        time (and its budget) includes that work."""
+        started = time.perf_counter() if started is None else started
         if not candidates:
             raise NoCandidates("no instance available to serve the request")
         policy = self.policy

@@ -240,10 +240,12 @@ class Scheduler:
         return remote
 
     async def decide(self, req: Request, rid: str, excluded: set[str]) -> RoutingDecision:
+        started = time.perf_counter()
         prompt = prompt_hashes(req, BLOCK_SIZE)
         source = self.policy.prefix_source
         try:
-            plan = self.router.plan(req, self.registry.candidates(excluded, prompt, source, self.prefix_index))
+            plan = self.router.plan(req, self.registry.candidates(excluded, prompt, source, self.prefix_index),
+                                    started)
         except NoCandidates as exc:
             raise oa.ApiError(503, self.registry.unavailable()) from exc
         if plan.target is not None:
