@@ -30,8 +30,7 @@ from block.routing import Router, RoutingDecision, StateView
 from simulator.cluster import Cluster, ClusterView, Instance, ScaleAction
 from simulator.engine import Engine, EngineConfig
 from simulator.fleet import FLEETS, Fleet, InstanceGroup, SloClass, assign_slos, parse_fleet, peak_token_throughput
-from simulator.hardware import get_gpu, get_model, num_kv_blocks
-from simulator.metrics import capacity, records_frame, summarize
+from simulator.metrics import capacity, highest_passing, records_frame, summarize
 from simulator.timing import Roofline, StepSample, TimingModel
 from simulator.workload import LengthPrior, Request, Trace, lengths_source, poisson_workload, trace_workload
 
@@ -47,23 +46,23 @@ class ClusterSpec:
     chunked_prefill: bool = True
     tensor_parallel: int = 1
 
+    def group(self) -> InstanceGroup:
+        """This homogeneous cluster's one instance group."""
+        return InstanceGroup(self.gpu, self.model, self.instances, self.tensor_parallel, self.max_num_seqs,
+                             self.max_num_batched_tokens, self.num_blocks, self.chunked_prefill)
+
     def engine_config(self) -> EngineConfig:
-        gpu, model = get_gpu(self.gpu), get_model(self.model)
-        blocks = self.num_blocks or num_kv_blocks(gpu, model, tensor_parallel=self.tensor_parallel)
-        return EngineConfig(num_blocks=blocks, max_num_seqs=self.max_num_seqs,
-                            max_num_batched_tokens=self.max_num_batched_tokens,
-                            chunked_prefill=self.chunked_prefill, max_model_len=model.max_context)
+        return self.group().engine_config()
 
     def world_timing(self) -> Roofline:
-        return Roofline(get_gpu(self.gpu), get_model(self.model), self.tensor_parallel)
+        return self.group().world_timing()
 
     def describe(self) -> str:
         return self.fleet().describe()
 
     def fleet(self) -> Fleet:
         """This homogeneous cluster as a fleet of one group."""
-        return Fleet((InstanceGroup(self.gpu, self.model, self.instances, self.tensor_parallel, self.max_num_seqs,
-                                    self.max_num_batched_tokens, self.num_blocks, self.chunked_prefill),))
+        return Fleet((self.group(),))
 
 
 def as_fleet(spec: ClusterSpec | Fleet) -> Fleet:
@@ -475,24 +474,8 @@ def attainment_capacity(study: Study, policy: str, goal: float, *, lo: float, hi
     requests meet their own SLOs (rejected ones count as missed), by bisection per seed."""
     if not 0 < goal <= 1:
         raise ValueError(f"attainment goal must be in (0, 1], got {goal}")
-    per_seed = []
-    for seed in seeds:
-        def ok(qps: float, seed: int = seed) -> bool:
-            return study.run(policy, qps, seed).summary["slo_attainment"] >= goal
-
-        a, b = lo, hi
-        if not ok(a):
-            per_seed.append(0.0)
-            continue
-        if ok(b):
-            per_seed.append(b)
-            continue
-        while (b - a) / a > rel_tol:
-            mid = (a + b) / 2
-            a, b = (mid, b) if ok(mid) else (a, mid)
-        per_seed.append(a)
-    arr = np.asarray(per_seed)
-    return {"capacity": float(arr.mean()), "capacity_std": float(arr.std()), "per_seed": per_seed}
+    return highest_passing(lambda qps, seed: study.run(policy, qps, seed).summary["slo_attainment"] >= goal,
+                           lo=lo, hi=hi, seeds=seeds, rel_tol=rel_tol)
 
 
 class SimProvisioner:

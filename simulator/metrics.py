@@ -87,24 +87,26 @@ def capacity(
     """
     if slo <= 0:
         raise ValueError(f"SLO must be > 0, got {slo}")
+    return highest_passing(lambda qps, seed: percentile(run(qps, seed)[metric], q) <= slo, lo=lo, hi=hi,
+                           seeds=seeds, rel_tol=rel_tol)
+
+
+def highest_passing(ok: Callable[[float, int], bool], *, lo: float, hi: float, seeds: Sequence[int],
+                    rel_tol: float) -> dict:
+    """Per seed, the highest QPS in [lo, hi] at which ``ok(qps, seed)`` holds, by bisection (0 when even
+    ``lo`` fails, ``hi`` when it holds there); their mean, spread and the per-seed values."""
     per_seed = []
     for seed in seeds:
-        def ok(qps: float, seed: int = seed) -> bool:
-            return percentile(run(qps, seed)[metric], q) <= slo
-
         a, b = lo, hi
-        if not ok(a):
+        if not ok(a, seed):
             per_seed.append(0.0)
             continue
-        if ok(b):
+        if ok(b, seed):
             per_seed.append(b)
             continue
         while (b - a) / a > rel_tol:
             mid = (a + b) / 2
-            if ok(mid):
-                a = mid
-            else:
-                b = mid
+            a, b = (mid, b) if ok(mid, seed) else (a, mid)
         per_seed.append(a)
     arr = np.asarray(per_seed)
     return {"capacity": float(arr.mean()), "capacity_std": float(arr.std()), "per_seed": per_seed}
