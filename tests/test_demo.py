@@ -22,10 +22,13 @@ def test_light_verdict_compares_block_with_the_best_heuristic():
 
 
 def test_knee_verdict_names_the_winner_and_says_when_block_lost():
-    won = knee_verdict(frame([("least_requests", 90.0, 3000, 9000), ("block", 60.0, 1500, 7000)]))
-    assert won.splitlines()[0].startswith("near the knee, p99_ttft_ms: block won (1500 ms, 50.0% under")
+    won = knee_verdict(frame([("least_requests", 90.0, 3000, 9000), ("block", 60.0, 1500, 7000),
+                              ("block_impact", 70.0, 1600, 6900)]))
+    ttft, e2e = won.splitlines()
+    assert ttft == "near the knee, p99_ttft_ms: block won (1500 ms, 50.0% under least_requests's 3000 ms)"
+    assert e2e.startswith("near the knee, p50_e2e_ms: block_impact won (6900 ms, 23.3% under least_requests")
     lost = knee_verdict(frame([("least_tokens_cap", 50.0, 1200, 7000), ("block_impact", 60.0, 1500, 7600)]))
-    assert "least_tokens_cap won" in lost and "block did not win: its best, block_impact, had 1500 ms" in lost
+    assert "least_tokens_cap won (1200 ms, 20.0% under block_impact's 1500 ms); block did not win here" in lost
 
 
 def test_fleet_engines_give_each_instance_its_own_gpu_and_refuse_tensor_parallel_live():

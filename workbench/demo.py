@@ -117,21 +117,21 @@ def light_verdict(frame: pd.DataFrame) -> str:
 
 
 def knee_verdict(frame: pd.DataFrame) -> str:
-    """Which policy won near the knee, on P99 TTFT and P50 E2E; says so when no block policy did."""
+    """Which policy won near the knee, on P99 TTFT and P50 E2E, against the best of the other family (block
+    policies against heuristics); says so when no block policy won."""
+    ok = frame[frame["failed"] == 0] if (frame["failed"] == 0).any() else frame
     lines = []
     for metric in ("p99_ttft_ms", "p50_e2e_ms"):
-        ok = frame[frame["failed"] == 0] if (frame["failed"] == 0).any() else frame
         win = ok.loc[ok[metric].idxmin()]
-        others = ok[ok["policy"] != win["policy"]]
-        runner = others.loc[others[metric].idxmin()] if not others.empty else win
-        margin = (runner[metric] - win[metric]) / runner[metric] * 100 if runner[metric] else 0.0
-        line = f"near the knee, {metric}: {win['policy']} won ({win[metric]:.0f} ms, {margin:.1f}% under " \
-               f"{runner['policy']})"
+        rivals = ok[ok["policy"].map(_is_block) != _is_block(win["policy"])]
+        line = f"near the knee, {metric}: {win['policy']} won ({win[metric]:.0f} ms"
+        if not rivals.empty:
+            best = rivals.loc[rivals[metric].idxmin()]
+            line += f", {(best[metric] - win[metric]) / best[metric] * 100:.1f}% under {best['policy']}'s " \
+                    f"{best[metric]:.0f} ms"
+        line += ")"
         if not _is_block(win["policy"]):
-            ours = ok[ok["policy"].map(_is_block)]
-            if not ours.empty:
-                best = ours.loc[ours[metric].idxmin()]
-                line += f"; block did not win: its best, {best['policy']}, had {best[metric]:.0f} ms"
+            line += "; block did not win here"
         lines.append(line)
     return "\n".join(lines)
 
