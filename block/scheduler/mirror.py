@@ -94,13 +94,15 @@ class Mirror:
                 async with client.get(url + "/state/stream", timeout=timeout) as resp:
                     resp.raise_for_status()
                     self.connected, self.error = True, ""
-                    buf = b""
+                    buf = bytearray()
                     async for chunk in resp.content.iter_any():
                         buf += chunk
-                        *lines, buf = buf.split(b"\n")
-                        for line in lines:
-                            if line:
-                                self.feed(line)
+                        if b"\n" in chunk:  # a long message arrives in many chunks: split once it is whole
+                            *lines, rest = buf.split(b"\n")
+                            buf = bytearray(rest)
+                            for line in lines:
+                                if line:
+                                    self.feed(line)
                         if len(buf) > MAX_LINE_BYTES:
                             raise ProtocolError(f"state stream: a message exceeds {MAX_LINE_BYTES} bytes")
                     self.error = "the side-car closed its state stream"
