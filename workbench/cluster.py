@@ -244,13 +244,12 @@ class ClusterSpec:
         service on a free 127.0.0.1 port, run by this Python, its log and the DuckDB file in ``workdir``.
         ``instances``: how many of ``engine``, or one EngineSettings per instance (a heterogeneous cluster;
         each side-car then predicts with its own instance's GPU)."""
-        each = [engine or EngineSettings()] * instances if isinstance(instances, int) else list(instances)
-        if not each:
-            raise ValueError("a local cluster needs at least one instance")
+        default = engine or EngineSettings()
+        each = [default] * instances if isinstance(instances, int) else list(instances)
         wd = Path(workdir).resolve()
         host = HostSpec(LOCAL, "localhost", workdir=str(wd), python=sys.executable)
         spec = cls({LOCAL: host}, [], ServiceSpec(LOCAL, free_port(), policy),
-                   ServiceSpec(LOCAL, free_port(), db=str(wd / "block.duckdb")), engine or each[0])
+                   ServiceSpec(LOCAL, free_port(), db=str(wd / "block.duckdb")), engine or (each or [default])[0])
         spec.instances = [spec.new_instance(settings) for settings in each]
         return spec
 
