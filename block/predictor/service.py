@@ -70,6 +70,7 @@ from simulator.workload import LengthPrior, Request
 from store.auth import TokenGuard, token_for
 from store.schema import InstanceSampleRow
 
+EXACT_CACHE = "engine /kv_cache"  # the cache source while the engine shows its cache (else: approximate)
 DONE_WINDOW_S = 2.0  # how long a finished request's id stays in the state stream's "done" list
 
 
@@ -205,7 +206,7 @@ class SideCar:
         self.cache_interval = 0.1  # prefix-cache changes go out at most this often
         self.index = ApproximatePrefixIndex()  # the prompts proxied here, for an engine that shows no cache
         self.cache = BlockSet()
-        self.cache_source = "engine /kv_cache"  # until the engine shows it has none
+        self.cache_source = EXACT_CACHE  # until the engine shows it has none
         self.stream_messages_total = 0
         self.stopping = False  # set on SIGTERM: state streams end so that the server can stop
 
@@ -258,7 +259,7 @@ class SideCar:
         engine without it is asked once; from then on the side-car knows its cache approximately: the prompt
         blocks it proxied, LRU-bounded by the engine's KV blocks, as llm-d's approximate index does."""
         assert self.client is not None
-        if self.cache_source != "engine /kv_cache":
+        if self.cache_source != EXACT_CACHE:
             return
         try:
             async with self.client.get(self.engine_url + "/kv_cache", timeout=aiohttp.ClientTimeout(total=2.0)) as r:
@@ -307,7 +308,7 @@ class SideCar:
             headers[PREDICTED_TOKENS_HEADER] = str(predicted)
         rid = request.headers.get(BLOCK_REQUEST_ID_HEADER, "")[:64]
         tracked = self.tracker.start(parsed.prompt_tokens, predicted, rid) if parsed is not None else None
-        if parsed is not None and self.cache_source != "engine /kv_cache":
+        if parsed is not None and self.cache_source != EXACT_CACHE:
             cfg = self.tracker.config
             hashes = text_block_hashes(parsed.prompt_text, cfg.block_size)[: parsed.prompt_tokens // cfg.block_size]
             if hashes:

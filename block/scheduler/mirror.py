@@ -137,7 +137,7 @@ class Mirror:
                 self._state = MirroredState.from_dict(self._raw)
             except ProtocolError:
                 self.malformed_total += 1
-                self.connected, self._raw = False, None  # never used again until the stream sends a good one
+                self._raw = None  # not used again until the stream sends a good one
                 raise
         return self._state
 
