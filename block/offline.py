@@ -76,6 +76,9 @@ PRESETS: dict[str, ClusterSpec] = {
     "vidur": ClusterSpec("A100-80G", "Llama-2-7B", 4, 128, 512),
     # The embedded default of `make demo`: small enough to run anywhere in seconds.
     "demo": ClusterSpec("A100-80G", "Llama-2-7B", 4, 64, 512),
+    # The prefix-caching studies: Qwen2-7B (32k context) on A100-40G with vLLM V1's A100 serving defaults
+    # (256 seats, 2,048-token chunks), the KV cache sized from GPU memory (24,564 blocks, 393k tokens).
+    "qwen-a100": ClusterSpec("A100-40G", "Qwen2-7B", 8, 256, 2048),
 }
 
 

@@ -248,17 +248,43 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _local_results(jobs: list[Job], workers: int) -> Outcomes:
-    """Cells on a process pool, yielded as they finish. The pool's workers fork from a server process that
-    has imported the simulator once, not from this process (which holds the database and a progress thread).
-    Stopped early (Ctrl-C, an error), the workers are terminated rather than left to finish their cells."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["workbench.sweep"])
-    before = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_sigint)
+class LocalPool:
+    """A process pool that outlives one ``run_cells`` call: a capacity search runs its rounds on one pool, so
+    each worker builds a scenario (traces, warm-up) once, not once a round. The workers fork from a server
+    process that has imported the simulator once, not from this process (which holds the database and a
+    progress thread). ``stop`` terminates the workers rather than letting them finish their cells."""
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"a sweep needs at least one worker, got {workers}")
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["workbench.sweep"])
+        self.workers = workers
+        self._before = set(multiprocessing.active_children())
+        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_sigint)
+
+    def stop(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        for proc in set(multiprocessing.active_children()) - self._before:
+            proc.terminate()
+        self.executor.shutdown(wait=True)
+
+    def __enter__(self) -> LocalPool:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.executor.shutdown(wait=True)
+        else:
+            self.stop()
+
+
+def _local_results(jobs: list[Job], pool: LocalPool) -> Outcomes:
+    """Cells on the pool, yielded as they finish. Stopped early (Ctrl-C, an error), the pool is stopped: its
+    workers are terminated rather than left to finish their cells."""
     finished = False
     try:
-        futures: dict[Future, Cell] = {pool.submit(run_cell, *job): job[0] for job in jobs}
+        futures: dict[Future, Cell] = {pool.executor.submit(run_cell, *job): job[0] for job in jobs}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -270,10 +296,7 @@ def _local_results(jobs: list[Job], workers: int) -> Outcomes:
         finished = True
     finally:
         if not finished:
-            pool.shutdown(wait=False, cancel_futures=True)
-            for proc in set(multiprocessing.active_children()) - before:
-                proc.terminate()
-        pool.shutdown(wait=True)
+            pool.stop()
 
 
 class _Interrupts:
@@ -355,7 +378,21 @@ def finished_cells(store: Store, sweep: str) -> set[str]:
 
 def run_sweep(grid: Grid, store: Store, sweep: str, *, workers: int | None = None, ray_address: str | None = None,
               progress: bool = True, runs_root: str | Path | None = None) -> SweepReport:
-    """Run the grid's cells that ``store`` does not hold yet for ``sweep``, writing each as it finishes.
+    """Run the grid's cells that ``store`` does not hold yet for ``sweep``, writing each as it finishes."""
+    return run_cells(grid.cells(), store, sweep, scenarios=grid.scenarios, length_estimator=grid.length_estimator,
+                     config=grid.config(), policies=grid.policies, workers=workers, ray_address=ray_address,
+                     progress=progress, runs_root=runs_root)
+
+
+def run_cells(cells: Sequence[Cell], store: Store, sweep: str, *,
+              scenarios: Mapping[str, ScenarioFactory] | None = None, length_estimator: LengthEstimator | None = None,
+              config: Mapping | None = None,
+              policies: Sequence[str] = (), workers: int | None = None, ray_address: str | None = None,
+              pool: LocalPool | None = None, progress: bool = True,
+              runs_root: str | Path | None = None) -> SweepReport:
+    """The cells ``store`` does not hold yet for ``sweep``, writing each as it finishes: a grid's, or any list (a
+    capacity search asks for the next rates round by round, each a call of this under one sweep name, on one
+    ``pool``; without one, a pool of ``workers`` is made for this call).
 
     A cell's run folder is written first and its ``sweep_cells`` row last, in one transaction: the row is the
     mark that the cell is done, so a cell killed between the two is simply run again. Ctrl-C stops the
@@ -363,28 +400,35 @@ def run_sweep(grid: Grid, store: Store, sweep: str, *, workers: int | None = Non
     """
     if not sweep:
         raise ValueError("a sweep needs a name")
-    cells = grid.cells()
     if len({c.key for c in cells}) != len(cells):
         raise ValueError("sweep grid: an axis repeats a value (two cells have the same config)")
-    root = Path(runs_root) if runs_root else store.path.parent / "runs" / run_folder_name(sweep)
-    store.insert_rows([RunRow(run_id=sweep, started_at=time.time(), label="sweep", policy=",".join(grid.policies),
-                              config=orjson.dumps(grid.config()).decode())])
-    done = finished_cells(store, sweep)
-    todo = [c for c in cells if c.key not in done]
-    backend = f"ray ({ray_address})" if ray_address else f"local pool ({workers or os.cpu_count()} workers)"
     if workers is not None and workers < 1:
         raise ValueError(f"a sweep needs at least one worker, got {workers}")
+    root = Path(runs_root) if runs_root else store.path.parent / "runs" / run_folder_name(sweep)
+    names = policies or sorted({c.policy for c in cells})
+    store.insert_rows([RunRow(run_id=sweep, started_at=time.time(), label="sweep", policy=",".join(names),
+                              config=orjson.dumps(dict(config or {})).decode())])
+    done = finished_cells(store, sweep)
+    todo = [c for c in cells if c.key not in done]
+    backend = (f"ray ({ray_address})" if ray_address
+               else f"local pool ({pool.workers if pool else workers or os.cpu_count()} workers)")
     report = SweepReport(sweep, len(cells), len(cells) - len(todo), 0, [], 0.0, backend)
-    jobs: list[Job] = [(c, grid.scenarios.get(c.workload), grid.length_estimator if c.estimator else None)
-                       for c in todo]
+    jobs: list[Job] = [(c, (scenarios or {}).get(c.workload), length_estimator if c.estimator else None) for c in todo]
+    if not jobs:
+        return report
     start = time.perf_counter()
     bar = tqdm(total=len(cells), initial=report.skipped, desc=f"sweep {sweep}", unit="cell", disable=not progress,
                smoothing=0.1)
-    results = (_ray_results(jobs, ray_address, workers) if ray_address
-               else _local_results(jobs, workers or os.cpu_count() or 1))
+    own_pool = None
+    if ray_address:
+        results = _ray_results(jobs, ray_address, workers)
+    else:
+        if pool is None:
+            pool = own_pool = LocalPool(min(len(jobs), workers or os.cpu_count() or 1))
+        results = _local_results(jobs, pool)
     try:
         with _Interrupts() as interrupts:
-            for cell, outcome in results if jobs else ():
+            for cell, outcome in results:
                 if isinstance(outcome, BaseException):
                     report.failed.append((cell, f"{type(outcome).__name__}: {outcome}".splitlines()[0]))
                     bar.write(f"cell {cell.key} ({cell.policy} qps={cell.qps} seed={cell.seed} {cell.workload}) "
@@ -402,6 +446,8 @@ def run_sweep(grid: Grid, store: Store, sweep: str, *, workers: int | None = Non
     finally:
         with contextlib.suppress(Exception):
             results.close()
+        if own_pool is not None:
+            own_pool.executor.shutdown(wait=True)
         bar.close()
         report.wall_s = time.perf_counter() - start
     return report
