@@ -23,6 +23,7 @@ from block.offline import ClusterSpec, Honesty, Study, get_preset
 from block.policies import HEURISTICS
 from simulator.data import data_dir
 from simulator.metrics import capacity
+from workbench.scenarios import alpaca_estimator
 
 BLOCK_FAMILY = ("block", "block_ttft", "block_star")
 
@@ -34,23 +35,6 @@ def _study(quick: bool, oracle_lengths: bool = False, estimator=None) -> Study:
     lengths = "alpaca" if data_dir() is not None else "synthetic"
     return Study(spec, lengths, 1200 if quick else 3000, Honesty(oracle_lengths=oracle_lengths),
                  length_estimator=estimator)
-
-
-def _length_estimator():
-    """Out-of-fold MiniLM estimates of every AlpacaEval prompt, when the length extra and data exist."""
-    if data_dir() is None:
-        return None
-    try:
-        from block.length.data import load_alpaca
-        from block.length.estimator import out_of_fold_estimator
-        from block.length.models import Encoder
-    except ImportError:
-        return None
-    try:
-        encoder = Encoder("results/length/minilm-embeddings.npz")
-    except ImportError:
-        return None
-    return out_of_fold_estimator(load_alpaca(), "llama-2-7b-chat-hf", encoder)
 
 
 def _capacity(job: tuple) -> dict:
@@ -85,7 +69,7 @@ def main() -> None:
     per_instance = 34.5 / 12  # bracket the knee around the paper preset's measured ~2.9 QPS/instance
     lo, hi = 0.75 * per_instance * study.spec.instances, 1.2 * per_instance * study.spec.instances
     jobs = [(p, seed, slo, lo, hi, quick, False, None) for p in policies for seed in seeds for slo in slos]
-    estimator = _length_estimator()
+    estimator = alpaca_estimator()
     if estimator is not None:  # block_star with the MiniLM estimator's out-of-fold guesses: honest
         jobs += [("block_star", seed, slo, lo, hi, quick, False, estimator) for seed in seeds for slo in slos]
     if not quick:

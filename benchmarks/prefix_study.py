@@ -46,27 +46,19 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from simulator_speed import prefix_heavy_speed  # a sibling script: benchmarks/ is on sys.path
 
 from block.offline import ClusterSpec, Scenario, Study
 from block.policies import HEURISTICS, PEERS, TUNED
 from simulator.data import data_dir
-from simulator.hardware import get_model
 from simulator.metrics import percentile, summarize
 from simulator.workload import (
-    ChatShape,
-    LengthPrior,
-    Request,
     SharedPrefixShape,
-    Trace,
-    chat_workload,
-    load_named_trace,
-    shared_prefix_workload,
 )
+from workbench.scenarios import PREFIX_MODEL, chat, mooncake, shared_prefix
 
-MODEL = "Qwen2-7B"
+MODEL = PREFIX_MODEL
 BLOCK_VARIANTS = ("block", "block_ttft", "block_prefix")
 QUICK_HEURISTICS = ("least_requests", "least_tokens")
 QUICK_BLOCK_VARIANTS = ("block_ttft", "block_prefix")  # block (E2E) is the slowest to run and never the best here
@@ -97,46 +89,16 @@ def settings(quick: bool) -> list[Setting]:
     return out
 
 
-def _trace_of(requests: list[Request], source: str) -> Trace:
-    """Lengths of other traffic of the same kind, for the predictor's warm-up run."""
-    return Trace(np.array([r.prompt_tokens for r in requests]), np.array([r.output_tokens for r in requests]),
-                 source=source)
-
-
 def shared_prefix_scenario(setting: Setting, quick: bool) -> Scenario:
-    shape = SharedPrefixShape(groups=75) if quick else SharedPrefixShape()
-
-    def build(qps: float, seed: int) -> list[Request]:
-        return shared_prefix_workload(shape, setting.requests, qps, seed)
-
-    other = shared_prefix_workload(shape, 2000, 5.0, 10_000)
-    return Scenario("shared_prefix", build, LengthPrior([r.output_tokens for r in other], "b2b-saas"),
-                    _trace_of(other, "shared_prefix-calibration"))
+    return shared_prefix(75 if quick else SharedPrefixShape().groups, requests=setting.requests)
 
 
 def chat_scenario(setting: Setting, quick: bool) -> Scenario:
-    shape = ChatShape()
-    max_context = get_model(MODEL).max_context
-
-    def build(qps: float, seed: int) -> list[Request]:
-        sessions = max(1, round(qps * setting.duration_s / shape.turns))
-        return chat_workload(shape, sessions, qps / shape.turns, seed, max_context=max_context)
-
-    other = chat_workload(shape, 400, 1.0, 10_000, max_context=max_context)
-    return Scenario("chat", build, LengthPrior([r.output_tokens for r in other], "chat"),
-                    _trace_of(other, "chat-calibration"))
+    return chat(setting.duration_s)
 
 
 def mooncake_scenario(setting: Setting, quick: bool) -> Scenario:
-    trace = load_named_trace("mooncake").clipped(get_model(MODEL).max_context)
-    head = trace.head(setting.requests)
-
-    def build(qps: float, seed: int) -> list[Request]:
-        return head.scaled_to_qps(qps).requests()
-
-    half = np.random.default_rng(12345).permutation(len(trace))[: len(trace) // 2]  # as lengths_source does
-    return Scenario("mooncake", build, LengthPrior(trace.output_tokens[half], "mooncake-half"),
-                    Trace(trace.prompt_tokens[half], trace.output_tokens[half], source="mooncake-calibration"))
+    return mooncake(setting.requests)
 
 
 SCENARIOS: dict[str, Callable[[Setting, bool], Scenario]] = {

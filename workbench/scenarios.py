@@ -58,23 +58,23 @@ ESTIMATOR_LABEL = "minilm-out-of-fold"
 GOODPUT_LOAD = 1.25  # x the best alternative's capacity
 
 
-def _trace_of(requests: list[Request], source: str) -> Trace:
+def trace_of(requests: list[Request], source: str) -> Trace:
     """Lengths of other traffic of the same kind, for the predictor's warm-up run."""
     return Trace(np.array([r.prompt_tokens for r in requests]), np.array([r.output_tokens for r in requests]),
                  source=source)
 
 
-def shared_prefix(groups: int, duration_s: float) -> Scenario:
+def shared_prefix(groups: int, duration_s: float = 0.0, requests: int = 0) -> Scenario:
     """llm-d's b2b-saas shape (6k-token system prompt per group, 1.2k-token question, 1k-token answer), Poisson
-    arrivals for ``duration_s``."""
+    arrivals: ``requests`` of them, or as many as arrive in ``duration_s``."""
     shape = SharedPrefixShape(groups=groups)
 
     def build(qps: float, seed: int) -> list[Request]:
-        return shared_prefix_workload(shape, max(1, round(qps * duration_s)), qps, seed)
+        return shared_prefix_workload(shape, requests or max(1, round(qps * duration_s)), qps, seed)
 
     other = shared_prefix_workload(shape, 2000, 5.0, 10_000)
     return Scenario("shared_prefix", build, LengthPrior([r.output_tokens for r in other], "b2b-saas"),
-                    _trace_of(other, "shared_prefix-calibration"))
+                    trace_of(other, "shared_prefix-calibration"))
 
 
 def chat(duration_s: float) -> Scenario:
@@ -89,7 +89,7 @@ def chat(duration_s: float) -> Scenario:
 
     other = chat_workload(shape, 400, 1.0, 10_000, max_context=max_context)
     return Scenario("chat", build, LengthPrior([r.output_tokens for r in other], "chat"),
-                    _trace_of(other, "chat-calibration"))
+                    trace_of(other, "chat-calibration"))
 
 
 def mooncake(requests: int) -> Scenario:
