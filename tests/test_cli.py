@@ -148,6 +148,7 @@ BAD = [  # argv (WS: a workspace that must not appear), what the one-line error 
     (["up", "--workspace", "WS", "--port", "70000"], "--port 70000 must be in 1..65535"),
     (["up", "--workspace", "WS", "--host", "10.1.2.3"], "loopback"),
     (["up", "--workspace", "WS", "--gpu", "Z100"], "known: "),
+    (["up", "--workspace", "WS", "--max-model-len", "1"], "max_model_len must be >= 2"),
     (["up", "--workspace", "WS", "--autoscale", "reactive", "--instances", "9"], "must lie in"),
     (["demo", "--workspace", "WS", "--policies", "block,nope"], "unknown policy 'nope'"),
     (["up", "--workspace", "WS", "--cluster", "2xZ100"], "known: "),

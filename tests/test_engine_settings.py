@@ -43,3 +43,7 @@ def test_bad_values_name_what_is_wrong():
         EngineSettings.parse(["--max-num-seqs", "many"])
     with pytest.raises(ValueError, match="unknown GPU 'Z80'"):
         EngineSettings(gpu="Z80").engine_config()
+    with pytest.raises(ValueError, match=r"max_model_len must be >= 2 \(a prompt token and a generated one\), got 1"):
+        EngineSettings(max_model_len=1).engine_config()
+    with pytest.raises(ValueError, match=r"max_model_len 8192 is longer than Llama-2-7B's context \(4096 tokens\)"):
+        EngineSettings(max_model_len=8192).engine_config()

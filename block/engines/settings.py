@@ -86,8 +86,14 @@ class EngineSettings:
         gpu, model = get_gpu(self.gpu), get_model(self.model)
         blocks = num_kv_blocks(gpu, model) if self.num_blocks is None else self.num_blocks
         max_len = model.max_context if self.max_model_len is None else self.max_model_len
-        return EngineConfig(num_blocks=blocks, max_num_seqs=self.max_num_seqs,
-                            max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=max_len)
+        config = EngineConfig(num_blocks=blocks, max_num_seqs=self.max_num_seqs,
+                              max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=max_len)
+        if max_len == 1:  # a cluster that would start and then refuse every request
+            raise ValueError("max_model_len must be >= 2 (a prompt token and a generated one), got 1")
+        if max_len > model.max_context:  # vLLM refuses a length past the model's context too
+            raise ValueError(f"max_model_len {max_len} is longer than {model.name}'s context "
+                             f"({model.max_context} tokens)")
+        return config
 
     def timing(self) -> Roofline:
         """The roofline step-time model of this GPU and model: the emulator's world and the side-car's
