@@ -54,7 +54,7 @@ def main() -> None:
     finally:
         store.close()
     caps, goodput = run.capacities, run.goodput
-    seeds = sorted(caps.seed.unique())
+    seeds = sorted(int(x) for x in caps.seed.unique())
     print(__doc__.split("\n\n")[0].replace("\n", " "))
     print(f"seeds {seeds}; {len(caps)} capacity searches, {run.cells} cells in sweep {sweep_name(args.quick)!r} "
           f"of {workspace / 'block.duckdb'}")

@@ -273,9 +273,9 @@ def run_suite(scenarios: Sequence[SuiteScenario], rows: Mapping[str, Sequence[tu
     (on ``pool`` when given, so that its workers keep the scenarios they built).
 
     The first seed searches every row. With ``confirm_top``, the other seeds search only Block's rows and the
-    ``confirm_top`` alternatives with the highest first-seed capacity per scenario (a screen: an alternative
-    that far behind on the first seed cannot be the best one, and the matrix costs a third); without it, every
-    row runs every seed."""
+    ``confirm_top`` alternatives with the highest first-seed capacity per scenario, ties included (a screen: an
+    alternative that far behind on the first seed cannot be the best one, and the matrix costs half); without
+    it, every row runs every seed."""
     factories = {s.workload: s.factory for s in scenarios if s.factory is not None}
     config = {"suite": [s.name for s in scenarios], "seeds": list(seeds), "rel_tol": rel_tol,
               "confirm_top": confirm_top}
@@ -355,11 +355,15 @@ def _capacities(tried: Mapping[tuple, Mapping[float, bool]]) -> pd.DataFrame:
 
 def _confirmed(scenario: str, rows: Sequence[tuple[str, str]], caps: pd.DataFrame,
                top: int | None) -> list[tuple[str, str]]:
-    """The rows every seed searches: all of them, or Block's and the ``top`` alternatives of the first seed."""
+    """The rows every seed searches: all of them, or Block's and the ``top`` alternatives of the first seed, with
+    every alternative tied with the last of them (a search's rates are a grid, so ties are common, and which of
+    a tie would go on must not be an accident of order)."""
     if top is None:
         return list(rows)
     mine = caps[(caps.scenario == scenario) & ~caps["kind"].str.startswith("block")]
-    leaders = set(mine.sort_values("capacity_qps", ascending=False)["policy"].head(top))
+    ranked = mine["capacity_qps"].sort_values(ascending=False)
+    cut = ranked.iloc[min(top, len(ranked)) - 1] if len(ranked) else math.inf
+    leaders = set(mine.loc[mine["capacity_qps"] >= cut, "policy"])
     return [(p, m) for p, m in rows if kind(p, m).startswith("block") or p in leaders]
 
 
