@@ -157,12 +157,16 @@ def predicted_vs_true(predicted: pd.Series, realised: pd.Series, what: str = "E2
                 color="grey", line_dash="dashed")).opts(title=f"{title}{': ' if title else ''}{score}", **OPTS)
 
 
-def heatmap(frame: pd.DataFrame, x: str, y: str, value: str, title: str, *, diverging: bool = False) -> hv.HeatMap:
+def heatmap(frame: pd.DataFrame, x: str, y: str, value: str, title: str, *,
+            diverging: float | None = None) -> hv.HeatMap:
     """A grid of ``value`` over two axes, with the numbers written in the cells. ``diverging``: a signed value
-    (a gain) on a red-blue scale centred on zero, so that a loss never looks like a small win."""
-    colours = {"cmap": "RdBu", "symmetric": True} if diverging else {"cmap": "viridis"}
+    (a gain) on a red-blue scale centred on zero and saturating at +-``diverging``, so that a loss never looks
+    like a small win and one collapse does not wash out every other colour."""
+    colours = ({"cmap": "RdBu", "clim": (-diverging, diverging)} if diverging is not None
+               else {"cmap": "viridis"})
     grid = hv.HeatMap(frame, [x, y], value).opts(title=title, colorbar=True, **colours, **OPTS)
-    return grid * hv.Labels(grid).opts(text_color="white", text_font_size="10pt")
+    return grid * hv.Labels(grid).opts(text_color="black" if diverging is not None else "white",
+                                       text_font_size="10pt")
 
 
 def cdf(values: pd.Series, label: str) -> hv.Curve:
