@@ -58,7 +58,7 @@ ESTIMATOR_LABEL = "minilm-out-of-fold"
 GOODPUT_LOAD = 1.25  # x the best alternative's capacity
 
 
-def trace_of(requests: list[Request], source: str) -> Trace:
+def _trace_of(requests: list[Request], source: str) -> Trace:
     """Lengths of other traffic of the same kind, for the predictor's warm-up run."""
     return Trace(np.array([r.prompt_tokens for r in requests]), np.array([r.output_tokens for r in requests]),
                  source=source)
@@ -74,7 +74,7 @@ def shared_prefix(groups: int, duration_s: float = 0.0, requests: int = 0) -> Sc
 
     other = shared_prefix_workload(shape, 2000, 5.0, 10_000)
     return Scenario("shared_prefix", build, LengthPrior([r.output_tokens for r in other], "b2b-saas"),
-                    trace_of(other, "shared_prefix-calibration"))
+                    _trace_of(other, "shared_prefix-calibration"))
 
 
 def chat(duration_s: float) -> Scenario:
@@ -89,7 +89,7 @@ def chat(duration_s: float) -> Scenario:
 
     other = chat_workload(shape, 400, 1.0, 10_000, max_context=max_context)
     return Scenario("chat", build, LengthPrior([r.output_tokens for r in other], "chat"),
-                    trace_of(other, "chat-calibration"))
+                    _trace_of(other, "chat-calibration"))
 
 
 def mooncake(requests: int) -> Scenario:
