@@ -53,9 +53,7 @@ from block.offline import ClusterSpec, Scenario, Study
 from block.policies import HEURISTICS, PEERS, TUNED
 from simulator.data import data_dir
 from simulator.metrics import percentile, summarize
-from simulator.workload import (
-    SharedPrefixShape,
-)
+from simulator.workload import SharedPrefixShape
 from workbench.scenarios import PREFIX_MODEL, chat, mooncake, shared_prefix
 
 MODEL = PREFIX_MODEL

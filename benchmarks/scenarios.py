@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from store.collector import Store
+from workbench.cli import _ints, _number  # the CLI's one-line argument checks
 from workbench.scenarios import capacity_table, default_workspace, ray_agrees, study, sweep_name, verdicts
 
 WON_PCT = 10.0
@@ -32,10 +33,10 @@ def main() -> None:
     parser.add_argument("--workspace", type=Path,
                         help="folder of block.duckdb and runs/ (default: results/scenarios, -quick for --quick)")
     parser.add_argument("--scenarios", default="", help="comma-separated subset (default: every available one)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the full run")
-    parser.add_argument("--confirm-top", type=int, default=3,
+    parser.add_argument("--seeds", type=_ints, default="0,1,2", help="comma-separated seeds of the full run")
+    parser.add_argument("--confirm-top", type=_number(int, 0), default=3,
                         help="seeds after the first search Block and this many leading alternatives; 0: every one")
-    parser.add_argument("--workers", type=int, help="local pool size (default: CPU count)")
+    parser.add_argument("--workers", type=_number(int, 1), help="local pool size (default: CPU count)")
     parser.add_argument("--ray-address", help="run the cells on Ray: auto, ray://host:port, or local")
     args = parser.parse_args()
     t0 = time.time()
@@ -44,7 +45,7 @@ def main() -> None:
     store = Store(workspace / "block.duckdb")
     try:
         scenarios, run, left_out = study(
-            args.quick, store, seeds=[int(x) for x in args.seeds.split(",") if x],
+            args.quick, store, seeds=args.seeds,
             only=[x for x in args.scenarios.split(",") if x], confirm_top=args.confirm_top or None,
             workers=args.workers, ray_address=args.ray_address)
         if args.ray_address:

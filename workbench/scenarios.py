@@ -487,6 +487,8 @@ def ray_agrees(scenarios: Sequence[SuiteScenario], run: SuiteRun, store: Store, 
     first = scenarios[0]
     picked = run.goodput[(run.goodput.scenario == first.name) & (run.goodput["mode"] == "honest")].head(2)
     cells = [first.cell(r.policy, r.qps, r.seed, r.mode, give_up=False) for r in picked.itertuples()]
+    if not cells:  # nothing compared is not agreement
+        return False, f"ray: {first.name} has no goodput cell to run again (no alternative passed its SLO)"
     factories = {first.workload: first.factory} if first.factory else {}
     stored = _results(store, sweep)
     with tempfile.TemporaryDirectory() as tmp:
