@@ -2,9 +2,11 @@
 
 Per iteration: decode requests first (one token each), then running requests still in prefill (chunks
 within the token budget), then waiting requests FCFS while the batch has seats (max_num_seqs), budget
-and KV blocks above the admission watermark. Paged KV blocks of ``block_size`` tokens are allocated as
-tokens are computed; when a decode cannot get a block, the most recently admitted request is preempted
-and later recomputed from scratch. No new request is admitted in an iteration that preempted.
+and KV blocks above the admission watermark for the request's whole sequence so far (vLLM's
+``scheduler_reserve_full_isl``; ``EngineConfig.reserve_full_isl=False`` checks the first chunk only).
+Paged KV blocks of ``block_size`` tokens are allocated as tokens are computed; when a decode cannot get a
+block, the most recently admitted request is preempted and later recomputed from scratch. No new request is
+admitted in an iteration that preempted.
 
 Decode requests are kept *lazily*: a request in the decode set stores ``offset = computed - D`` where D
 counts iterations, so an iteration does not touch each request. Block boundaries are counted per residue
@@ -62,6 +64,10 @@ class EngineConfig:
     watermark: float = 0.01
     max_model_len: int = 4096
     prefix_caching: bool = True
+    # vLLM's scheduler_reserve_full_isl (on by default in the v1 scheduler): a waiting request is admitted
+    # only when its whole sequence so far fits in free blocks, not just its first chunk. Off, chunked
+    # prefill over-admits and later preempts; the v0-era rule, kept for comparison.
+    reserve_full_isl: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -375,6 +381,8 @@ class Engine:
         self._chunked = config.chunked_prefill
         self._watermark = config.watermark_blocks
         self._caching = config.prefix_caching
+        self._reserve_full = config.reserve_full_isl
+        self._max_len = config.max_model_len
         self._root = _Run((), 0, 0, 0, None, 0, -1, 0)
         self._uids = 1
         # evictable runs by (generation, -hi): popping the smallest evicts blocks in the per-block LRU order;
@@ -700,8 +708,12 @@ class Engine:
         remaining = head.prompt + head.generated - hits * self._bs
         if remaining > budget and not self._chunked:
             return True
-        chunk = remaining if remaining < budget else budget
-        return self.free_blocks - free_hits + (-(hits * self._bs + chunk) // self._bs) + hits < self._watermark
+        if self._reserve_full:
+            total = head.prompt + head.generated
+            end = total if total < self._max_len else self._max_len
+        else:
+            end = hits * self._bs + (remaining if remaining < budget else budget)
+        return self.free_blocks - free_hits + (-end // self._bs) + hits < self._watermark
 
     def _step_time(self, prefill: tuple[tuple[int, int], ...], n_dec: int, context_sum: int) -> float:
         tokens = n_dec

@@ -129,6 +129,10 @@ def _columns(row: type[Row]) -> dict[str, _Column]:
 
 
 _COLUMNS: dict[str, dict[str, _Column]] = {name: _columns(table.row) for name, table in TABLES.items()}
+_ARROW_TYPES = {"VARCHAR": pa.string(), "DOUBLE": pa.float64(), "INTEGER": pa.int64(), "BOOLEAN": pa.bool_()}
+_ARROW_COLUMNS = {name: [(c, _ARROW_TYPES[t]) for c, t in table.columns] for name, table in TABLES.items()}
+_DEFAULTS = {name: {f.name: f.default for f in dataclasses.fields(table.row) if f.default is not dataclasses.MISSING}
+             for name, table in TABLES.items()}
 
 
 def validate(table: str, rows: Sequence[dict]) -> None:
@@ -325,43 +329,61 @@ class Store:
 
     def insert_batch(self, batch: Mapping[str, list[dict]]) -> dict[str, int]:
         """Rows of several tables, all or nothing; the rows each table gained (rows it had already are not
-        counted). Every row is checked before any is written, and the writes are one transaction."""
+        counted). Every row is checked before any is written, and the writes are one transaction.
+
+        A batch is first written with a plain ``INSERT``; only when that meets a key it already has (a resend)
+        is the transaction rolled back and written again with ``INSERT OR IGNORE``. DuckDB's conflict check
+        cost ~4 ms per statement however few the rows (measured: 6.7 against 2.7 ms for three rows), and a
+        resend is rare."""
         for table, rows in batch.items():
             validate(table, rows)
         frames = {table: self._frame(table, rows) for table, rows in batch.items() if rows}
-        counts = dict.fromkeys(batch, 0)
-        writing = ""
         with self._lock:
             for table, df in frames.items():  # outside the transaction: unregistering cannot fail after an error
                 self._writer.register(f"_batch_{table}", df)
             try:
-                self._writer.execute("BEGIN TRANSACTION")
                 try:
-                    for writing in frames:
-                        counts[writing] = self._insert(writing)
-                    self._writer.execute("COMMIT")
-                except BaseException:
-                    self._writer.execute("ROLLBACK")
-                    raise
-            except duckdb.Error as exc:
-                raise StoreError(f"table {writing}: the batch could not be written, nothing was: {exc}") from exc
+                    return self._write(batch, frames, or_ignore=False)
+                except duckdb.ConstraintException:
+                    return self._write(batch, frames, or_ignore=True)
             finally:
                 for table in frames:
                     self._writer.unregister(f"_batch_{table}")
+
+    def _write(self, batch: Mapping[str, list[dict]], frames: Mapping[str, pa.Table], *, or_ignore: bool
+               ) -> dict[str, int]:
+        """One transaction over the registered frames. A key conflict of a plain insert propagates (rolled
+        back) for the caller to retry; every other DuckDB error becomes a StoreError naming the table."""
+        counts = dict.fromkeys(batch, 0)
+        writing = ""
+        verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
+        try:
+            self._writer.execute("BEGIN TRANSACTION")
+            try:
+                for writing in frames:
+                    cols = ", ".join(TABLES[writing].names)  # names from store.schema, not from the request
+                    (inserted,) = self._writer.execute(  # type: ignore[misc]
+                        f"{verb} INTO {writing} ({cols}) SELECT {cols} FROM _batch_{writing}").fetchone()
+                    counts[writing] = int(inserted)
+                self._writer.execute("COMMIT")
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+        except duckdb.ConstraintException:
+            if or_ignore:
+                raise StoreError(f"table {writing}: the batch could not be written, nothing was") from None
+            raise
+        except duckdb.Error as exc:
+            raise StoreError(f"table {writing}: the batch could not be written, nothing was: {exc}") from exc
         return counts
 
     @staticmethod
-    def _frame(table: str, rows: list[dict]) -> pd.DataFrame:
-        names = TABLES[table].names
-        defaults = {f.name: f.default for f in dataclasses.fields(TABLES[table].row)
-                    if f.default is not dataclasses.MISSING}
-        return pd.DataFrame([[r.get(c, defaults.get(c)) for c in names] for r in rows], columns=names)
-
-    def _insert(self, table: str) -> int:
-        cols = ", ".join(TABLES[table].names)  # names from store.schema, not from the request
-        (inserted,) = self._writer.execute(  # type: ignore[misc]
-            f"INSERT OR IGNORE INTO {table} ({cols}) SELECT {cols} FROM _batch_{table}").fetchone()
-        return int(inserted)
+    def _frame(table: str, rows: list[dict]) -> pa.Table:
+        """The batch as an Arrow table typed like its DuckDB table: DuckDB scans Arrow without converting it,
+        where a pandas frame of object columns cost ~10 ms per small batch to analyse (measured)."""
+        defaults = _DEFAULTS[table]
+        return pa.table({name: pa.array([r.get(name, defaults.get(name)) for r in rows], kind)
+                         for name, kind in _ARROW_COLUMNS[table]})
 
     def query(self, sql: str, params: Sequence[Param] | None = None) -> QueryResult:
         """A read-only query; values go in ``params`` (DuckDB ``?`` placeholders), never into ``sql``."""

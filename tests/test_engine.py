@@ -39,7 +39,7 @@ def random_config(seed):
     budget = rng.choice([64, 256, 512, 2048])
     return EngineConfig(num_blocks=rng.choice([70, 150, 400, 2000]), max_num_seqs=rng.choice([2, 8, 32, 48]),
                         max_num_batched_tokens=max(budget, 48), chunked_prefill=chunked,
-                        max_model_len=4096 if chunked else max(budget, 48))
+                        max_model_len=4096 if chunked else max(budget, 48), reserve_full_isl=rng.random() < 0.5)
 
 
 def fast_and_slow(workload, config):
@@ -88,6 +88,19 @@ def test_memory_pressure_preempts_the_most_recent_request_and_everything_finishe
     assert by_id[0].preemptions == 0  # the oldest request is never the victim
     assert max(s.preemptions for s in eng.finished) > 0
     assert eng.free_blocks == cfg.num_blocks
+
+
+def test_a_waiting_request_is_admitted_only_when_its_whole_prompt_fits():
+    """vLLM's scheduler_reserve_full_isl: a 400-token prompt (25 blocks) waits while a running request holds
+    most of 40 blocks, instead of taking its first 64-token chunk and then thrashing through preemptions."""
+    reqs = [Request(0, 0.0, 300, 200), Request(1, 0.01, 400, 50)]
+    full = run(reqs, EngineConfig(num_blocks=40, max_num_seqs=8, max_num_batched_tokens=64, watermark=0.0), fast=True)
+    first, second = sorted(full.finished, key=lambda s: s.id)
+    assert second.first_scheduled == pytest.approx(first.finish_time) and full.total_preemptions == 0
+    chunk = run(reqs, EngineConfig(num_blocks=40, max_num_seqs=8, max_num_batched_tokens=64, watermark=0.0,
+                                   reserve_full_isl=False), fast=True)
+    first, second = sorted(chunk.finished, key=lambda s: s.id)
+    assert second.first_scheduled < 0.1 and second.preemptions > 0 and first.preemptions == 0
 
 
 def test_batch_cap_and_fcfs_order():

@@ -263,6 +263,17 @@ def test_a_resent_batch_adds_nothing_to_any_table(tmp_path):
         assert resp.status_code == 400 and "missing columns ['event_id']" in resp.json()["error"]["message"]
 
 
+def test_a_batch_half_new_half_resent_gains_only_its_new_rows(tmp_path):
+    """The fast path (a plain INSERT) meets the resent half's keys, rolls back and writes with the conflict
+    check: every table gains exactly its new rows, and none is written twice."""
+    old, new = every_table(1), every_table(2)
+    store = Store(tmp_path / "ws.duckdb")
+    assert store.insert_batch(batch_of(old)) == dict.fromkeys(TABLES, 1)
+    mixed = {table: batch_of(old)[table] + batch_of(new)[table] for table in TABLES}
+    assert store.insert_batch(mixed) == dict.fromkeys(TABLES, 1)
+    assert {t: store.query(f"SELECT count(*) AS n FROM {t}").rows[0][0] for t in TABLES} == dict.fromkeys(TABLES, 2)
+
+
 def test_a_batch_resent_after_a_timeout_is_written_once(tmp_path):
     store = Store(tmp_path / "ws.duckdb")
     rows = every_table(2)

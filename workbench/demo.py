@@ -3,9 +3,10 @@
 Two scenes, each an emulated cluster on loopback replaying one workload once per policy, read back from
 DuckDB:
 
-1. **Light load** on a homogeneous cluster (by default 4 A30s at 30 QPS, 4x speed). Every policy is fast
-   here; the question is whether predicting costs anything. The verdict compares block's P50 TTFT with the
-   best heuristic's (the target: within 10%).
+1. **Light load** on a homogeneous cluster (``make demo``: 4 A30s at 7.5 QPS in real time). Every policy is
+   fast here; the question is whether predicting costs anything. The verdict compares block's P50 TTFT with
+   the best heuristic's (the target: within 10%). A speed-up (``--time-scale``) multiplies the tokens every
+   hop relays per second; on a small machine that measures CPU contention, not routing.
 2. **A heterogeneous cluster near its knee** (1 A100-80G next to 3 A30s, in real time: at a speed-up the
    emulators would need more CPU than a small machine has near the knee). The rate is where the best
    capacity-normalised heuristic's P99 TTFT reaches the SLO in the offline simulator (90% of that
