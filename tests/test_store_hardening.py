@@ -25,7 +25,7 @@ import pytest
 
 from block.events import EventSink, split_batch
 from store.auth import TOKEN_ENV, TOKEN_FILE_ENV
-from store.collector import MAX_BODY_BYTES, Store, build_app
+from store.collector import MAX_BODY_BYTES, Store, StoreError, build_app
 from store.collector import main as collector_main
 from store.read import Reader
 from store.schema import (
@@ -272,6 +272,16 @@ def test_a_batch_half_new_half_resent_gains_only_its_new_rows(tmp_path):
     mixed = {table: batch_of(old)[table] + batch_of(new)[table] for table in TABLES}
     assert store.insert_batch(mixed) == dict.fromkeys(TABLES, 1)
     assert {t: store.query(f"SELECT count(*) AS n FROM {t}").rows[0][0] for t in TABLES} == dict.fromkeys(TABLES, 2)
+
+
+def test_nan_is_stored_as_null_and_a_value_past_its_column_type_is_a_named_error(tmp_path):
+    store = Store(tmp_path / "ws.duckdb")
+    row = every_table(1)[1].to_dict()
+    store.insert_batch({"requests": [{**row, "ttft": float("nan")}]})
+    assert store.query("SELECT ttft IS NULL FROM requests").rows == [(True,)]
+    with pytest.raises(StoreError, match="table requests: column prompt_tokens holds a value its type"):
+        store.insert_batch({"requests": [{**row, "request_id": "r-huge", "prompt_tokens": 2**70}]})
+    assert store.query("SELECT count(*) FROM requests").rows == [(1,)]
 
 
 def test_a_batch_resent_after_a_timeout_is_written_once(tmp_path):
