@@ -64,9 +64,9 @@ class EngineConfig:
     watermark: float = 0.01
     max_model_len: int = 4096
     prefix_caching: bool = True
-    # vLLM's scheduler_reserve_full_isl (on by default in the v1 scheduler): a waiting request is admitted
-    # only when its whole sequence so far fits in free blocks, not just its first chunk. Off, chunked
-    # prefill over-admits and later preempts; the v0-era rule, kept for comparison.
+    # vLLM's scheduler_reserve_full_isl (on by default in vllm 0.32's scheduler): a waiting request is
+    # admitted only when its whole sequence so far fits in free blocks, not just its first chunk. Off is the
+    # rule of earlier releases, kept for comparison: chunked prefill over-admits and later preempts.
     reserve_full_isl: bool = True
 
     def __post_init__(self) -> None:

