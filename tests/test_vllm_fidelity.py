@@ -95,17 +95,23 @@ def test_online_calibration_from_streams_fits_the_world():
     assert cal.status()["engine_itl_s"] == pytest.approx(0.04)
 
 
+def measured_steps(true: Roofline, n: int, seed: int, jitter) -> list[StepRecord]:
+    """``n`` random iterations (at most one prefill chunk, up to six decodes) timed by ``true``, each time
+    multiplied by ``jitter(rng)``."""
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(n):
+        prefill = tuple((rng.randint(8, 250), 0) for _ in range(rng.randint(0, 1)))
+        decodes = rng.randint(1 if not prefill else 0, 6)
+        ctx = sum(rng.randint(20, 500) for _ in range(decodes))
+        samples.append(StepRecord(prefill, decodes, ctx, true.step_time(prefill, decodes, ctx) * jitter(rng)))
+    return samples
+
+
 def test_fit_gpu_recovers_a_profile_and_the_cli_writes_it(tmp_path):
     model = get_model("tiny-llama-41M")
-    known = GPU("known", 8e10, 3e10, 2 * GIB, 1e9, 0.004, 0.002)
-    true = Roofline(known, model)
-    rng = random.Random(3)
-    samples = []
-    for _ in range(80):
-        prefill = tuple((rng.randint(8, 250), 0) for _ in range(rng.randint(0, 1)))
-        n = rng.randint(1 if not prefill else 0, 6)
-        ctx = sum(rng.randint(20, 500) for _ in range(n))
-        samples.append(StepRecord(prefill, n, ctx, true.step_time(prefill, n, ctx) * rng.uniform(0.97, 1.03)))
+    true = Roofline(GPU("known", 8e10, 3e10, 2 * GIB, 1e9, 0.004, 0.002), model)
+    samples = measured_steps(true, 80, 3, lambda rng: rng.uniform(0.97, 1.03))
     gpu, err = fit_gpu("fitted", model, samples, memory_bytes=2 * GIB)
     assert err < 3
     fitted = Roofline(gpu, model)
@@ -131,14 +137,7 @@ def test_fit_gpu_keeps_the_busy_time_when_some_steps_are_stretched():
     busy time, or a replay runs early; a robust loss that fits the median fails this."""
     model = get_model("tiny-llama-41M")
     true = Roofline(GPU("known", 8e10, 3e10, 2 * GIB, 1e9, 0.004, 0.002), model)
-    rng = random.Random(5)
-    samples = []
-    for _ in range(300):
-        prefill = tuple((rng.randint(8, 250), 0) for _ in range(rng.randint(0, 1)))
-        n = rng.randint(1 if not prefill else 0, 6)
-        ctx = sum(rng.randint(20, 500) for _ in range(n))
-        stretch = 2.5 if rng.random() < 0.1 else 1.0
-        samples.append(StepRecord(prefill, n, ctx, true.step_time(prefill, n, ctx) * stretch))
+    samples = measured_steps(true, 300, 5, lambda rng: 2.5 if rng.random() < 0.1 else 1.0)
     fitted = Roofline(fit_gpu("fitted", model, samples, memory_bytes=2 * GIB)[0], model)
     busy = sum(fitted.step_time(s.prefill, s.num_decode, s.decode_context_sum) for s in samples)
     assert busy == pytest.approx(sum(s.seconds for s in samples), rel=0.02)
