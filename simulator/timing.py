@@ -258,6 +258,9 @@ class StepSample:
     seconds: float
 
 
+MIN_PREFILL_SAMPLES = 3  # iterations with a prefill chunk before the prefill terms are fitted, not guessed
+
+
 @dataclass
 class Calibrated(TimingModel):
     """A linear model fitted online from measured step times; what a live predictor can know.
@@ -285,6 +288,13 @@ class Calibrated(TimingModel):
             raise ValueError(f"need at least 5 step samples to calibrate, got {len(samples)}")
         x = np.array([cls._features(s) for s in samples])
         y = np.array([s.seconds for s in samples])
+        prefills = sum(1 for s in samples if s.prefill)
+        rank = int(np.linalg.matrix_rank(x))
+        if rank < x.shape[1] or prefills < MIN_PREFILL_SAMPLES:
+            # decode-only iterations carry as many tokens as sequences: least squares would split their cost
+            # between the two terms at will and a prefill chunk would then be predicted tens of times off
+            raise ValueError(f"{len(samples)} step samples ({prefills} with a prefill chunk) do not identify the "
+                             f"timing model (rank {rank} of {x.shape[1]}; need {MIN_PREFILL_SAMPLES} prefill steps)")
         active = list(range(x.shape[1]))
         while True:  # non-negative least squares by dropping negative coefficients
             coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)

@@ -70,6 +70,10 @@ def test_calibrated_recovers_a_known_linear_model():
         assert fitted.step_time(pre, n, ctx) == pytest.approx(truth.step_time(pre, n, ctx), rel=1e-6)
     with pytest.raises(ValueError, match="at least 5"):
         Calibrated.fit(samples[:3])
+    # decode-only iterations have as many tokens as sequences: the model is not identified, and saying so
+    # beats a split of their cost that predicts a prefill chunk tens of times off
+    with pytest.raises(ValueError, match=r"\(0 with a prefill chunk\) do not identify"):
+        Calibrated.fit([s for s in samples if not s.prefill])
 
 
 def test_profiled_and_roofline_agree_on_decode_steps(data_dir, roofline):

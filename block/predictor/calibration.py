@@ -196,8 +196,9 @@ class OnlineCalibration:
     The first fit happens once ``MIN_SAMPLES`` steps besides the held-out ones arrived; afterwards every
     ``refit_every`` new steps, on the most recent ``window`` (an engine's speed drifts with its load mix,
     and old samples should fade). Every fifth sample is held out and scores the fit (``fit_error_pct``);
-    outliers are dropped before fitting (``without_outliers``). Until the first fit the predictor keeps
-    its uncalibrated roofline and says so.
+    samples rebuilt from streams lose their outliers before fitting (``without_outliers``). A fit waits
+    until the samples identify the model (prefill iterations of their own, ``Calibrated.fit``); until the
+    first fit the predictor keeps its uncalibrated roofline and says so.
 
     Step times come from the engine's ``/steps`` where it has one (``add``), else from the proxied
     token streams (``observe_token``, after ``use_streams``); the streams are watched in both cases.
@@ -252,11 +253,18 @@ class OnlineCalibration:
         self.engine_itl_s = d_sum / d_count if d_count > 0 else None
 
     def _refit(self) -> None:
+        """Fit on the samples so far; samples that do not identify the model yet leave the predictor as it is
+        until more arrive."""
         prior = self.predictor.prior
         data = list(self.samples)
-        train = without_outliers([s for i, s in enumerate(data) if i % HOLDOUT_EVERY])
         held = data[::HOLDOUT_EVERY]
-        fitted = build_predictor(prior, self.predictor.timing, samples=train)
+        train = [s for i, s in enumerate(data) if i % HOLDOUT_EVERY]
+        try:
+            if self._from_streams:  # an engine's own /steps have no stalls to trim, and trimming them dropped
+                train = without_outliers(train)  # the few prefill iterations a decode-heavy fit calls outliers
+            fitted = build_predictor(prior, self.predictor.timing, samples=train)
+        except ValueError:
+            return
         self.predictor.timing, self.predictor.label = fitted.timing, fitted.label
         self.error_pct = fit_error_pct(fitted.timing, held[-500:])
         if self.stream_samples:  # on the emulator: how well what the streams show agrees with its /steps fit
