@@ -113,16 +113,15 @@ def test_a_sweep_runs_scenario_factories_in_its_workers(tmp_path):
     assert all(0 < open_run(f).summary["prefix_hit_rate"] < 1 for f in cells["folder"])
 
 
-RESUME_REQUESTS = "1500"  # ~1 s a cell: at 250 a loaded CI machine once finished all nine before Ctrl-C landed
-
-
 def _sweep_process(workspace: Path, name: str) -> subprocess.Popen:
     """`block sweep` in its own process group, as a terminal runs it (Ctrl-C reaches every process of it)."""
     cmd = [sys.executable, "-m", "workbench.cli", "sweep", "--name", name, "--workspace", str(workspace),
-           "--policies", "round_robin,least_requests,block", "--qps", "4,6,8", "--requests", RESUME_REQUESTS,
+           "--policies", "round_robin,least_requests,block", "--qps", "4,6,8", "--requests", "250",
            "--workers", "1", "--no-progress"]
+    # SIGINT as a terminal leaves it: a runner started in the background (`cmd &`) ignores SIGINT, its children
+    # inherit that, and a Python started with SIGINT ignored never raises KeyboardInterrupt
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_folders(root: Path, n: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -165,7 +164,7 @@ def test_a_sweep_interrupted_by_ctrl_c_and_killed_midway_resumes_where_it_stoppe
     assert set(after_ctrl_c["cell"]) <= set(after_kill["cell"])
 
     assert block_cli(["sweep", "--name", name, "--workspace", str(ws), "--policies", "round_robin,least_requests,block",
-                      "--qps", "4,6,8", "--requests", RESUME_REQUESTS, "--workers", "2", "--no-progress"]) == 0
+                      "--qps", "4,6,8", "--requests", "250", "--workers", "2", "--no-progress"]) == 0
     final = _done(ws, name)
     assert len(final) == 9 and final["cell"].is_unique
     kept = final.set_index("cell").loc[after_kill["cell"], "finished_at"]
