@@ -368,8 +368,9 @@ class Store:
 
     def _write(self, batch: Mapping[str, list[dict]], frames: Mapping[str, pa.Table], *, or_ignore: bool
                ) -> dict[str, int]:
-        """One transaction over the registered frames. A key conflict of a plain insert propagates (rolled
-        back) for the caller to retry; every other DuckDB error becomes a StoreError naming the table."""
+        """One transaction over the registered frames. A constraint error of a plain insert propagates (rolled
+        back) for the caller to retry with the conflict check; every other DuckDB error, and one the retry
+        meets too, becomes a StoreError naming the table and DuckDB's reason."""
         counts = dict.fromkeys(batch, 0)
         writing = ""
         verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
@@ -385,11 +386,9 @@ class Store:
             except BaseException:
                 self._writer.execute("ROLLBACK")
                 raise
-        except duckdb.ConstraintException:
-            if or_ignore:
-                raise StoreError(f"table {writing}: the batch could not be written, nothing was") from None
-            raise
         except duckdb.Error as exc:
+            if isinstance(exc, duckdb.ConstraintException) and not or_ignore:
+                raise
             raise StoreError(f"table {writing}: the batch could not be written, nothing was: {exc}") from exc
         return counts
 

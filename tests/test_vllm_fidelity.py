@@ -95,6 +95,9 @@ def test_online_calibration_from_streams_fits_the_world():
     assert cal.status()["engine_itl_s"] == pytest.approx(0.04)
 
 
+KNOWN = GPU("known", 8e10, 3e10, 2 * GIB, 1e9, 0.004, 0.002)  # the profile the fit tests recover
+
+
 def measured_steps(true: Roofline, n: int, seed: int, jitter) -> list[StepRecord]:
     """``n`` random iterations (at most one prefill chunk, up to six decodes) timed by ``true``, each time
     multiplied by ``jitter(rng)``."""
@@ -110,7 +113,7 @@ def measured_steps(true: Roofline, n: int, seed: int, jitter) -> list[StepRecord
 
 def test_fit_gpu_recovers_a_profile_and_the_cli_writes_it(tmp_path):
     model = get_model("tiny-llama-41M")
-    true = Roofline(GPU("known", 8e10, 3e10, 2 * GIB, 1e9, 0.004, 0.002), model)
+    true = Roofline(KNOWN, model)
     samples = measured_steps(true, 80, 3, lambda rng: rng.uniform(0.97, 1.03))
     gpu, err = fit_gpu("fitted", model, samples, memory_bytes=2 * GIB)
     assert err < 3
@@ -136,7 +139,7 @@ def test_fit_gpu_keeps_the_busy_time_when_some_steps_are_stretched():
     """One step in ten stretched 2.5x (host jitter): the fitted profile must still add up to the measured
     busy time, or a replay runs early; a robust loss that fits the median fails this."""
     model = get_model("tiny-llama-41M")
-    true = Roofline(GPU("known", 8e10, 3e10, 2 * GIB, 1e9, 0.004, 0.002), model)
+    true = Roofline(KNOWN, model)
     samples = measured_steps(true, 300, 5, lambda rng: 2.5 if rng.random() < 0.1 else 1.0)
     fitted = Roofline(fit_gpu("fitted", model, samples, memory_bytes=2 * GIB)[0], model)
     busy = sum(fitted.step_time(s.prefill, s.num_decode, s.decode_context_sum) for s in samples)
