@@ -6,13 +6,16 @@ core per tab and grows without bound. Here each open tab
 - reads only what is new: ``Reader.tail`` per table since the last time it saw, as Arrow from the
   collector, in a worker thread so the server's event loop never waits on SQL; rows reach the store in
   batches, so it asks again from ``LAG_S`` before its last time and drops the rows it has seen;
-- appends to HoloViews streams (``Buffer`` bounded to the window, ``Pipe`` for the latest-load bars): the
-  browser receives the new points, the plots are never rebuilt; points are batched per plot for a few
-  ticks (``FLUSH_EVERY``), so a tab costs a few percent of a core;
+- appends to Bokeh ``ColumnDataSource``s (``stream`` with a rollover bounded to the window): the browser
+  receives only the new points and the figures are built once per tab. The page was HoloViews
+  ``DynamicMap``s over ``Buffer`` streams until they were measured (``benchmarks/dashboard_load.py``):
+  building the seven figures through HoloViews took 1-2 s of every tab's first paint and each update
+  re-ran its element pipeline, so a tab cost 18-20 % of a core; plain Bokeh figures build in
+  milliseconds and a stream is one small message;
 - aggregates a time bucket once it is ``LAG_S`` old (complete), so rates do not jump as late rows land;
-  idle buckets are zeros or gaps, never a line drawn across them;
-- plots everything on one wall-clock axis (UTC), and stops its callback when the tab closes, so an
-  unwatched server does no work at all.
+  idle buckets are zeros or gaps (NaN breaks a line), never a line drawn across them;
+- plots everything on one wall-clock axis (UTC, shared by the time plots), and stops its callback when the
+  tab closes, so an unwatched server does no work at all.
 """
 
 from __future__ import annotations
@@ -26,12 +29,27 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 
-import holoviews as hv
 import httpx
 import numpy as np
 import pandas as pd
 import panel as pn
-from holoviews.streams import Buffer, Pipe
+from bokeh.models import (
+    ColumnDataSource,
+    DataRange1d,
+    DatetimeAxis,
+    DatetimeTicker,
+    DatetimeTickFormatter,
+    FactorRange,
+    Grid,
+    HoverTool,
+    Legend,
+    LegendItem,
+    Line,
+    Scatter,
+    Step,
+)
+from bokeh.palettes import Category10_10
+from bokeh.plotting import figure
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError
 
@@ -47,11 +65,8 @@ ALL = "(all)"
 MAX_OUTCOMES = 2000  # predicted-vs-realised points kept; MAPE and rank accuracy over the last 400
 MAX_SAMPLES = 40_000  # side-car samples kept (16 instances x 4 Hz x 5 min); a Buffer drops the oldest
 READ_LIMIT = 20_000  # rows one tail read returns at most; a backlog is read over several ticks
-# Every how many ticks new points go to each plot: a HoloViews update costs milliseconds per plot, so the
-# figures refresh every few seconds while the numbers above them change every tick (a bucket's stats are
-# complete only once per BUCKET_S anyway).
-# (every, offset): the plots are flushed on different ticks, so no tick does all the work.
-FLUSH_EVERY = {"stats": (1, 0), "events": (1, 0), "samples": (5, 1), "outcomes": (5, 2), "load": (5, 3)}
+HEIGHT = 240
+TOOLS = "pan,box_zoom,reset,save"
 
 
 @dataclass
@@ -80,18 +95,34 @@ def _empty(**dtypes: str) -> pd.DataFrame:
     return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in dtypes.items()})
 
 
-STATS = dict(time="datetime64[ns]", requests_s="float64", tokens_s="float64", failures_s="float64",
+# The columns of each plot's source; ``time`` is milliseconds since the epoch (UTC), Bokeh's datetime unit.
+STATS = dict(time="float64", requests_s="float64", tokens_s="float64", failures_s="float64",
              fallbacks_s="float64", p50_ttft="float64", p99_ttft="float64", p50_e2e="float64", p99_e2e="float64",
              instances="float64")
-SAMPLES = dict(time="datetime64[ns]", instance="object", running="float64", waiting="float64", kv_usage="float64")
-OUTCOMES = dict(time="datetime64[ns]", predicted_e2e="float64", e2e="float64", policy="object")
-EVENTS = dict(time="datetime64[ns]", instances="float64", action="object", signal="object", value="float64",
+SAMPLES = dict(time="float64", instance="object", running="float64", waiting="float64", kv_usage="float64",
+               color="object")
+OUTCOMES = dict(time="float64", predicted_e2e="float64", e2e="float64", policy="object")
+EVENTS = dict(time="float64", instances="float64", action="object", signal="object", value="float64",
               threshold="float64")
+LOAD = dict(instance="object", running="float64", waiting="float64")
+# What each streamed source keeps: its rows roll over beyond this.
+ROLLOVER = {"stats": int(WINDOW_S / BUCKET_S), "samples": MAX_SAMPLES, "outcomes": MAX_OUTCOMES, "events": 1000}
+COLUMNS = {"stats": STATS, "samples": SAMPLES, "outcomes": OUTCOMES, "events": EVENTS, "load": LOAD}
+
+
+def _ms(seconds: pd.Series | np.ndarray) -> np.ndarray:
+    return np.asarray(seconds, dtype=float) * 1e3
+
+
+def _columns(frame: pd.DataFrame, dtypes: dict[str, str]) -> dict[str, np.ndarray]:
+    """A source's data: one numpy array per column, so ``stream`` appends arrays (sent as binary buffers)."""
+    return {name: frame[name].to_numpy(dtype=dtype) if len(frame) else np.array([], dtype=dtype)
+            for name, dtype in dtypes.items()}
 
 
 @dataclass
 class Update:
-    """What one poll found, computed off the event loop; applied to the streams on it."""
+    """What one poll found, computed off the event loop; applied to the sources on it."""
 
     generation: int
     stats: pd.DataFrame
@@ -106,7 +137,7 @@ class Update:
 
 
 class LiveView:
-    """One browser tab's dashboard: its widgets, streams and incremental readers."""
+    """One browser tab's dashboard: its widgets, figures' data sources and incremental readers."""
 
     def __init__(self, reader: Reader, period_ms: int = 1000):
         self.reader = reader
@@ -128,16 +159,20 @@ class LiveView:
         self.mape = number(label="E2E MAPE (%)", value=0, format="{value:.0f}")
         self.rank = number(label="E2E rank accuracy (%)", value=0, format="{value:.0f}")
         self.hint = pn.pane.Alert("", alert_type="info", visible=False, sizing_mode="stretch_width")
-        self.streams = {
-            "stats": Buffer(_empty(**STATS), length=int(WINDOW_S / BUCKET_S), index=False),
-            "samples": Buffer(_empty(**SAMPLES), length=MAX_SAMPLES, index=False),
-            "outcomes": Buffer(_empty(**OUTCOMES), length=MAX_OUTCOMES, index=False),
-            "events": Buffer(_empty(**EVENTS), length=1000, index=False),
-        }
-        self.load = Pipe(data=pd.DataFrame({"instance": [], "kind": [], "requests": []}))
+        self.sources = {name: ColumnDataSource(_columns(_empty(**dtypes), dtypes)) for name, dtypes in COLUMNS.items()}
+        self.diagonal = ColumnDataSource({"x": [0.0, 1.0], "y": [0.0, 1.0]})
+        self.load_range = FactorRange()  # the instances the load bars show
+        self.colors: dict[str, str] = {}  # an instance keeps its colour for the tab's life
         self.run.param.watch(self._select, "value")
         self.policy.param.watch(self._select, "value")
         self.reset()
+
+    def frame(self, name: str) -> pd.DataFrame:
+        """What a plot holds now, as a frame."""
+        return pd.DataFrame(self.sources[name].data)
+
+    def rows(self, name: str) -> int:
+        return len(self.sources[name].data["time" if name != "load" else "instance"])
 
     # ---- state ------------------------------------------------------------------------------------------------
 
@@ -151,11 +186,11 @@ class LiveView:
         self.pending = {"requests": pd.DataFrame(), "decisions": pd.DataFrame(), "samples": pd.DataFrame()}
         self.totals = {"completed": 0, "failed": 0, "fallbacks": 0}
         self.recent_ttft = pd.DataFrame({"t": [], "ttft": []})
-        self.applied = 0
-        self.unsent: dict[str, list[pd.DataFrame]] = {name: [] for name in FLUSH_EVERY}
-        for stream in self.streams.values():
-            stream.clear()
-        self.load.send(pd.DataFrame({"instance": [], "kind": [], "requests": []}))
+        with pn.io.unlocked():
+            for name, dtypes in COLUMNS.items():
+                self.sources[name].data = _columns(_empty(**dtypes), dtypes)
+            self.diagonal.data = {"x": [0.0, 1.0], "y": [0.0, 1.0]}
+            self.load_range.factors = []
 
     def _select(self, _event: object) -> None:
         """A poll may be running in a worker thread: its result is dropped, and the next tick starts over."""
@@ -169,7 +204,7 @@ class LiveView:
     # ---- one poll, off the event loop ------------------------------------------------------------------------
 
     def poll(self, generation: int, run_id: str | None, policy: str | None, with_runs: bool) -> Update:
-        """Read what is new and turn it into stream updates (pure pandas; touches no widget)."""
+        """Read what is new and turn it into source updates (pure pandas; touches no widget)."""
         now = time.time()
         reqs = self.tails["routed"].read(self.reader, run_id, policy)  # with their decisions: one query
         samples = self.tails["instance_samples"].read(self.reader, run_id, None)
@@ -197,24 +232,32 @@ class LiveView:
         if upto > self.settled:
             stats = plots.bucket_stats(self.pending["requests"], self.pending["decisions"], self.settled, upto,
                                        BUCKET_S)
+            stats["time"] = _ms(self.settled + BUCKET_S * np.arange(len(stats)))
             stats["instances"] = self._instances(self.pending["samples"], len(stats))
             for name, frame in self.pending.items():
                 self.pending[name] = frame[frame["t"] >= upto] if len(frame) else frame
             self.settled = upto
 
         latest = samples.sort_values("t").groupby("instance").tail(1) if len(samples) else samples
-        load = pd.DataFrame([(r.instance, kind, float(getattr(r, kind) or 0)) for r in latest.itertuples()
-                             for kind in ("running", "waiting")], columns=["instance", "kind", "requests"])
+        load = pd.DataFrame({"instance": latest["instance"].to_numpy(),
+                             "running": latest["running"].fillna(0).to_numpy(dtype=float),
+                             "waiting": latest["waiting"].fillna(0).to_numpy(dtype=float)}).sort_values(
+            "instance") if len(latest) else _empty(**LOAD)
+        if len(samples):
+            samples = samples.assign(color=[self._color(i) for i in samples["instance"]])
         return Update(
             generation=generation, stats=stats,
             samples=self._frame(samples, SAMPLES, instance="instance", running="running", waiting="waiting",
-                                kv_usage="kv_usage"),
+                                kv_usage="kv_usage", color="color"),
             latest_load=load,
             outcomes=self._frame(outcomes, OUTCOMES, predicted_e2e="predicted_e2e", e2e="e2e", policy="policy"),
             events=self._frame(events, EVENTS, instances="instances", action="action", signal="signal",
                                value="value", threshold="threshold"),
             completed=self.totals["completed"], failed=self.totals["failed"], fallbacks=self.totals["fallbacks"],
             runs=runs)
+
+    def _color(self, instance: str) -> str:
+        return self.colors.setdefault(instance, Category10_10[len(self.colors) % len(Category10_10)])
 
     def _instances(self, samples: pd.DataFrame, buckets: int) -> np.ndarray:
         """Instances that reported a sample in each bucket: the fleet size as the side-cars saw it."""
@@ -229,10 +272,10 @@ class LiveView:
 
     @staticmethod
     def _frame(df: pd.DataFrame, dtypes: dict[str, str], **columns: str) -> pd.DataFrame:
-        """The stream's columns from a tail read: ``time`` from ``t``, the others renamed as given."""
+        """The source's columns from a tail read: ``time`` from ``t``, the others renamed as given."""
         if df.empty:
             return _empty(**dtypes)
-        out = pd.DataFrame({"time": plots.to_time(df["t"]).to_numpy()})
+        out = pd.DataFrame({"time": _ms(df["t"])})
         for name, source in columns.items():
             out[name] = df[source].to_numpy()
         return out.astype(dtypes)
@@ -242,26 +285,23 @@ class LiveView:
     def apply(self, u: Update) -> None:
         if u.generation != self.generation or self.closed:
             return  # the selection changed while this poll ran
-        for name, frame in (("stats", u.stats), ("samples", u.samples), ("outcomes", u.outcomes),
-                            ("events", u.events), ("load", u.latest_load)):
-            if len(frame):
-                self.unsent[name].append(frame)
-        flushed = set()
-        for name, (every, offset) in FLUSH_EVERY.items():
-            frames = self.unsent[name]
-            if frames and (self.applied == 0 or self.applied % every == offset):
-                flushed.add(name)
-                if name == "load":
-                    self.load.send(frames[-1])  # the latest sample of each instance is all the bars show
-                else:
-                    self.streams[name].send(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0])
-                self.unsent[name] = []
-        self.applied += 1
+        # Bokeh models changed outside Panel's own parameters reach the browser only as Panel dispatches them
+        # (``unlocked``); the widgets below are Panel's and must stay out of it (their visibility got lost).
+        with pn.io.unlocked():
+            for name, frame in (("stats", u.stats), ("samples", u.samples), ("outcomes", u.outcomes),
+                                ("events", u.events)):
+                if len(frame):
+                    self.sources[name].stream(_columns(frame, COLUMNS[name]), rollover=ROLLOVER[name])
+            if len(u.latest_load):
+                self._load(u.latest_load)
+            seen = self.sources["outcomes"].data
+            top = float(np.nanmax(np.concatenate([seen["predicted_e2e"], seen["e2e"], [1e-3]])))
+            if len(u.outcomes) and top != self.diagonal.data["x"][1]:  # y = x spans the points, however far off
+                self.diagonal.data = {"x": [0.0, top], "y": [0.0, top]}
         self.completed.value, self.failed.value, self.fallbacks.value = u.completed, u.failed, u.fallbacks
         ttft = self.recent_ttft["ttft"].dropna()
         self.p99.value = float(ttft.quantile(0.99) * 1e3) if len(ttft) else 0.0
-        seen = self.streams["outcomes"].data
-        if "outcomes" in flushed:
+        if len(u.outcomes):
             self.mape.value = 100 * np.nan_to_num(plots.mape(seen["predicted_e2e"], seen["e2e"]))
             self.rank.value = 100 * np.nan_to_num(plots.rank_accuracy(seen["predicted_e2e"], seen["e2e"]))
         if u.runs is not None:
@@ -270,6 +310,15 @@ class LiveView:
         self.status.object = (f"Store: `{self.reader.collector_url or self.reader.db_path}` · updated "
                               f"{time.strftime('%H:%M:%S', time.gmtime())} UTC · window {WINDOW_S / 60:.0f} min, "
                               f"{BUCKET_S:g} s buckets drawn once {LAG_S:g} s old")
+
+    def _load(self, latest: pd.DataFrame) -> None:
+        """The bars of the instances just sampled; one not sampled this tick keeps its last bar."""
+        known = self.frame("load")
+        load = pd.concat([known[~known["instance"].isin(latest["instance"])], latest]).sort_values("instance")
+        self.sources["load"].data = _columns(load, LOAD)
+        factors = load["instance"].tolist()
+        if factors != list(self.load_range.factors):
+            self.load_range.factors = factors
 
     def _options(self, runs: pd.DataFrame) -> None:
         run_ids = [ALL, *reversed(runs["run_id"].drop_duplicates().tolist())]
@@ -281,16 +330,16 @@ class LiveView:
 
     def _hints(self) -> None:
         missing = []
-        if not len(self.streams["samples"].data):
+        if not self.rows("samples"):
             missing.append("no side-car samples in the last 5 minutes: is the cluster up, and does this collector "
                            "belong to it?")
         if not self.totals["completed"] + self.totals["failed"]:
             missing.append("no requests yet: send some, e.g. `block bench --url <scheduler URL>`; throughput and "
                            "latency appear as they complete")
-        if not len(self.streams["outcomes"].data):
+        if not self.rows("outcomes"):
             missing.append("no predicted-vs-realised points yet: they need a predictive policy (block, block_ttft) "
                            "and completed requests")
-        if not len(self.streams["events"].data):
+        if not self.rows("events"):
             missing.append("no provisioning events: the instance count comes from the side-cars' samples "
                            "(markers appear when an autoscaler acts)")
         text = "**Waiting for data:**\n\n" + "\n".join(f"- {m}" for m in missing) if missing else ""
@@ -298,7 +347,7 @@ class LiveView:
             self.hint.object, self.hint.visible = text, bool(missing)
 
     async def tick(self) -> None:
-        """Poll in a worker thread, then update the streams; one poll at a time, none after the tab closed."""
+        """Poll in a worker thread, then update the sources; one poll at a time, none after the tab closed."""
         if self.busy or self.closed:
             return
         self.busy = True
@@ -323,68 +372,94 @@ class LiveView:
 
     # ---- the page ---------------------------------------------------------------------------------------------
 
-    def plots(self) -> tuple[hv.Layout, hv.DynamicMap, hv.DynamicMap]:
-        """The time plots (one layout, so their wall-clock axes are linked), the load bars, predictions."""
-        opts = {**plots.OPTS, "height": 240}
+    def figures(self) -> tuple[list, object, object]:
+        """The time plots (one shared wall-clock range), the load bars, and predicted vs realised."""
+        stats, samples = self.sources["stats"], self.sources["samples"]
+        # One range, ticker and formatter for every time plot: one wall-clock axis, and a page of a third fewer
+        # models (each datetime axis brings a dozen tickers; a tab's first paint waits on building them all).
+        shared_time, ticker = DataRange1d(), DatetimeTicker()
+        formatter = DatetimeTickFormatter(seconds="%H:%M:%S", minsec="%H:%M:%S", minutes="%H:%M", hourmin="%H:%M",
+                                          hours="%H:%M")
+        when = ("time", "@time{%H:%M:%S}")
 
-        def curve(stream: Buffer, column: str, label: str, **style: object) -> hv.DynamicMap:
-            return hv.DynamicMap(partial(hv.Curve, kdims=[plots.TIME], vdims=[column], label=label),
-                                 streams=[stream]).opts(**style)
+        def timeplot(title: str, ylabel: str, tooltips: list[tuple[str, str]]):
+            fig = figure(title=title, x_axis_type=None, x_range=shared_time, height=HEIGHT,
+                         sizing_mode="stretch_width", tools=TOOLS, y_axis_label=ylabel,
+                         min_border_left=70)  # the same frame width in every time plot: their x axes line up
+            fig.add_layout(DatetimeAxis(ticker=ticker, formatter=formatter, axis_label="time (UTC)"), "below")
+            fig.add_layout(Grid(dimension=0, ticker=ticker))
+            fig.add_tools(HoverTool(tooltips=[when, *tooltips], formatters={"@time": "datetime"}, mode="vline"))
+            return fig
 
-        stats = self.streams["stats"]
-        rate = hv.Dimension("requests_s", label="requests/s")
-        requests = (curve(stats, "requests_s", "completed")
-                    * curve(stats, "failures_s", "failed", color="red")
-                    * curve(stats, "fallbacks_s", "fallback decisions", color="orange")).opts(
-            title="Request throughput", ylabel=rate.label, **opts, **plots.LEGEND)
-        tokens = curve(stats, "tokens_s", "output tokens/s").opts(title="Token throughput", ylabel="output tokens/s",
-                                                                  **opts)
-        latency = (curve(stats, "p50_ttft", "P50 TTFT") * curve(stats, "p99_ttft", "P99 TTFT")
-                   * curve(stats, "p50_e2e", "P50 E2E", line_dash="dashed")
-                   * curve(stats, "p99_e2e", "P99 E2E", line_dash="dashed")).opts(
-            title="Latency per bucket", ylabel="seconds", **opts, **plots.LEGEND)
-        kv = hv.DynamicMap(partial(hv.Scatter, kdims=[plots.TIME], vdims=["kv_usage", "instance"]),
-                           streams=[self.streams["samples"]]).opts(
-            color="instance", cmap="Category10", size=3, ylim=(0, 1.05), title="KV-cache usage per instance",
-            ylabel="KV usage", **opts, **plots.LEGEND)
-        fleet = (curve(stats, "instances", "reporting", interpolation="steps-post", color="black")
-                 * hv.DynamicMap(partial(hv.Scatter, kdims=[plots.TIME], vdims=["instances", "action", "signal",
-                                                                              "value", "threshold"],
-                                         label="provisioning"),
-                                 streams=[self.streams["events"]]).opts(size=8, color="purple", marker="triangle")
-                 ).opts(title="Instances", ylabel="instances", **opts, **plots.LEGEND)
-        timeline = (requests + tokens + latency + kv + fleet).cols(1).opts(shared_axes=True)
-        load = hv.DynamicMap(_load_bars, streams=[self.load]).opts(title="Load per instance (latest sample)", **opts)
-        outcome = hv.DynamicMap(partial(hv.Scatter, kdims=["predicted_e2e"], vdims=["e2e", "policy"]),
-                                streams=[self.streams["outcomes"]]).opts(size=4, alpha=0.5)
-        diagonal = hv.DynamicMap(_diagonal, streams=[self.streams["outcomes"]]).opts(color="grey", line_dash="dashed")
-        predicted = (outcome * diagonal).opts(title="Predicted vs realised E2E (dashed: y = x)",
-                                              xlabel="predicted E2E (s)", ylabel="realised E2E (s)", **opts)
-        return timeline, load, predicted
+        def draw(fig, source: ColumnDataSource, glyph):
+            """A renderer whose selection and muted looks BokehJS derives (``auto``): three models fewer each."""
+            return fig.add_glyph(source, glyph)
+
+        def legend(fig, items: list, where: str = "above") -> None:
+            """Outside the frame (above a time plot, so every frame is as wide): it never covers the data."""
+            fig.add_layout(Legend(items=items, click_policy="hide", location="top_right", margin=0, padding=2,
+                                  label_height=12, glyph_height=12, label_text_font_size="9pt", border_line_alpha=0,
+                                  orientation="horizontal" if where == "above" else "vertical"), where)
+
+        requests = timeplot("Request throughput", "requests/s", [("completed/s", "@requests_s{0.0}"),
+                                                                 ("failed/s", "@failures_s{0.0}"),
+                                                                 ("fallbacks/s", "@fallbacks_s{0.0}")])
+        legend(requests, [(label, [draw(requests, stats, Line(x="time", y=column, line_color=color, line_width=2))])
+                          for label, column, color in (("completed", "requests_s", Category10_10[0]),
+                                                       ("failed", "failures_s", "red"),
+                                                       ("fallback decisions", "fallbacks_s", "orange"))])
+        tokens = timeplot("Token throughput", "output tokens/s", [("tokens/s", "@tokens_s{0}")])
+        legend(tokens, [("output tokens/s", [draw(tokens, stats, Line(x="time", y="tokens_s", line_width=2,
+                                                                       line_color=Category10_10[0]))])])
+        latency = timeplot("Latency per bucket", "seconds", [("P50 TTFT", "@p50_ttft{0.000}"),
+                                                            ("P99 TTFT", "@p99_ttft{0.000}"),
+                                                            ("P50 E2E", "@p50_e2e{0.00}"),
+                                                            ("P99 E2E", "@p99_e2e{0.00}")])
+        legend(latency, [(label, [draw(latency, stats, Line(x="time", y=column, line_color=Category10_10[i],
+                                                            line_width=2, line_dash="dashed" if "e2e" in column
+                                                            else "solid"))])
+                         for i, (label, column) in enumerate((("P50 TTFT", "p50_ttft"), ("P99 TTFT", "p99_ttft"),
+                                                              ("P50 E2E", "p50_e2e"), ("P99 E2E", "p99_e2e")))])
+        kv = timeplot("KV-cache usage per instance", "KV usage", [("instance", "@instance"),
+                                                                  ("KV usage", "@kv_usage{0.00}")])
+        kv.y_range.start, kv.y_range.end = 0, 1.05
+        dots = draw(kv, samples, Scatter(x="time", y="kv_usage", fill_color="color", line_color="color", size=3))
+        legend(kv, [LegendItem(label={"field": "instance"}, renderers=[dots])])
+        fleet = timeplot("Instances", "instances", [("reporting", "@instances"), ("action", "@action"),
+                                                    ("signal", "@signal @value vs @threshold")])
+        legend(fleet, [("reporting", [draw(fleet, stats, Step(x="time", y="instances", mode="after",
+                                                              line_color="black", line_width=2))]),
+                       ("provisioning", [draw(fleet, self.sources["events"],
+                                              Scatter(x="time", y="instances", marker="triangle", size=10,
+                                                      fill_color="purple", line_color="purple"))])])
+
+        load = figure(title="Load per instance (latest sample)", x_range=self.load_range, height=HEIGHT,
+                      sizing_mode="stretch_width", tools="save", y_axis_label="requests",
+                      tooltips=[("instance", "@instance"), ("running", "@running"), ("waiting", "@waiting")])
+        bars = load.vbar_stack(["running", "waiting"], x="instance", source=self.sources["load"], width=0.8,
+                               color=[Category10_10[0], Category10_10[1]])
+        legend(load, [("running", [bars[0]]), ("waiting", [bars[1]])], "right")
+        predicted = figure(title="Predicted vs realised E2E (dashed: y = x)", height=HEIGHT,
+                           sizing_mode="stretch_width", tools=TOOLS, x_axis_label="predicted E2E (s)",
+                           y_axis_label="realised E2E (s)",
+                           tooltips=[("predicted", "@predicted_e2e{0.00} s"), ("realised", "@e2e{0.00} s"),
+                                     ("policy", "@policy")])
+        draw(predicted, self.sources["outcomes"], Scatter(x="predicted_e2e", y="e2e", size=4, fill_alpha=0.5,
+                                                          fill_color=Category10_10[0], line_alpha=0.5))
+        draw(predicted, self.diagonal, Line(x="x", y="y", line_color="grey", line_dash="dashed"))
+        return [requests, tokens, latency, kv, fleet], load, predicted
 
     def page(self) -> pn.Column:
-        timeline, load, predicted = self.plots()
+        timeline, load, predicted = self.figures()
         stretch = {"sizing_mode": "stretch_width"}
         return pn.Column(
             pn.pane.Markdown("## Block Workbench: live", **stretch),
             pn.Row(self.run, self.policy, self.status, **stretch),
             pn.FlexBox(self.completed, self.failed, self.p99, self.fallbacks, self.mape, self.rank, **stretch),
             self.hint,
-            pn.Row(pn.pane.HoloViews(load, **stretch), pn.pane.HoloViews(predicted, **stretch), **stretch),
-            pn.pane.HoloViews(timeline, **stretch),
+            pn.Row(pn.pane.Bokeh(load, **stretch), pn.pane.Bokeh(predicted, **stretch), **stretch),
+            *(pn.pane.Bokeh(fig, **stretch) for fig in timeline),
             **stretch)
-
-
-def _diagonal(data: pd.DataFrame) -> hv.Curve:
-    """y = x from 0 to the largest value shown: the axes always hold both the points and the line a perfect
-    predictor's points would sit on, however far off the predictions are."""
-    top = float(np.nanmax(data[["predicted_e2e", "e2e"]].to_numpy())) if len(data) else 1.0
-    return hv.Curve(([0.0, top], [0.0, top]), "predicted_e2e", "e2e", label="y = x")
-
-
-def _load_bars(data: pd.DataFrame) -> hv.Bars:
-    """Running and waiting requests per instance, stacked (HoloViews cannot stack no bars at all)."""
-    return hv.Bars(data, ["instance", "kind"], "requests").opts(stacked=len(data) > 0)
 
 
 def _closed_tabs_are_not_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:

@@ -102,11 +102,8 @@ def test_tail_reads_only_rows_after_a_time_of_one_run_and_policy(tmp_path):
 
 
 def settle(view) -> None:
-    """Ticks until every plot has had its batched points (each plot is flushed every few ticks)."""
-    from dashboards.live import FLUSH_EVERY
-
-    for _ in range(max(every for every, _ in FLUSH_EVERY.values())):
-        view.apply(view.poll(view.generation, None, None, True))
+    """One tick's poll and update, with the run list read (a tab reads it every fifth tick)."""
+    view.apply(view.poll(view.generation, None, None, True))
 
 
 def test_live_view_appends_only_what_is_new(tmp_path):
@@ -118,8 +115,8 @@ def test_live_view_appends_only_what_is_new(tmp_path):
         empty = LiveView(Reader(collector_url=url))
         settle(empty)
         assert empty.hint.visible and "no requests yet" in empty.hint.object
-        assert len(empty.streams["stats"].data) >= WINDOW_S / BUCKET_S - 2  # the window's buckets, empty ones too
-        assert empty.streams["stats"].data["requests_s"].eq(0).all()
+        assert empty.rows("stats") >= WINDOW_S / BUCKET_S - 2  # the window's buckets, empty ones too
+        assert empty.frame("stats")["requests_s"].eq(0).all()
         empty.close()
 
         run_a = rows("run-a", now - 60, 100)
@@ -128,11 +125,16 @@ def test_live_view_appends_only_what_is_new(tmp_path):
         try:
             settle(view)
             assert (view.completed.value, view.failed.value, view.fallbacks.value) == (90, 10, 15)
-            assert len(view.streams["outcomes"].data) == 90 and len(view.streams["samples"].data) == 100
+            assert view.rows("outcomes") == 90 and view.rows("samples") == 100
+            load = view.frame("load")  # each instance's latest sample, bars in a stable order
+            assert load.to_dict("list") == {"instance": ["i0", "i1"], "running": [3, 3], "waiting": [1, 1]}
+            assert list(view.load_range.factors) == ["i0", "i1"]
+            assert view.diagonal.data["x"][1] == pytest.approx(1.1 * 1.99)  # y = x reaches the largest point
+            assert view.frame("samples").groupby("instance")["color"].nunique().eq(1).all()  # one colour each
             assert view.mape.value == pytest.approx(10, abs=0.5)  # every prediction 10 % high
             assert view.rank.value == pytest.approx(100)  # and in the right order
             assert view.run.options == [ALL, "run-a"] and "no requests yet" not in view.hint.object
-            stats = view.streams["stats"].data
+            stats = view.frame("stats")
             assert stats["requests_s"].sum() * BUCKET_S == pytest.approx(90)  # every request in one bucket
             assert stats["time"].is_monotonic_increasing and stats["time"].is_unique
 
@@ -142,14 +144,14 @@ def test_live_view_appends_only_what_is_new(tmp_path):
                                                reason="slo", signal="ttft", value=4.0, threshold=3.0, status="ok",
                                                instances=3)])
             settle(view)
-            assert view.completed.value == 90 + 9 and len(view.streams["samples"].data) == 110
-            assert len(view.streams["events"].data) == 1
+            assert view.completed.value == 90 + 9 and view.rows("samples") == 110
+            assert view.rows("events") == 1
             assert view.run.options == [ALL, "run-b", "run-a"] and view.policy.options == [
                 ALL, "block", "least_requests"]
 
             view.run.value = "run-b"  # a new selection starts over, from that run's rows only
             asyncio.run(view.tick())
-            assert view.completed.value == 9 and len(view.streams["outcomes"].data) == 0  # no predictions
+            assert view.completed.value == 9 and view.rows("outcomes") == 0  # no predictions
             assert "no predicted-vs-realised points" in view.hint.object
         finally:
             view.close()
