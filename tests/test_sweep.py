@@ -99,6 +99,24 @@ def test_a_local_sweep_streams_cells_into_duckdb_and_run_folders_and_a_rerun_ski
     assert direct.summary["p99_ttft"] == pytest.approx(stored["p99_ttft"])
 
 
+def test_a_rerun_after_the_code_changed_runs_every_cell_again(tmp_path, monkeypatch):
+    """A cell's key covers the code that decides its result: results of two codes never mix in one sweep."""
+    from workbench import sweep
+
+    grid = Grid(["round_robin"], [4.0], **SMALL)
+    store = Store(tmp_path / "block.duckdb")
+    try:
+        assert run_sweep(grid, store, "s", workers=1, progress=False).ran == 1
+        assert run_sweep(grid, store, "s", workers=1, progress=False).skipped == 1
+        before = Cell("round_robin", 4.0, 0, requests=120).key
+        monkeypatch.setattr(sweep, "code_version", lambda: "a-changed-simulator")
+        assert Cell("round_robin", 4.0, 0, requests=120).key != before
+        again = run_sweep(grid, store, "s", workers=1, progress=False)
+        assert (again.ran, again.skipped) == (1, 0)
+    finally:
+        store.close()
+
+
 def test_a_sweep_runs_scenario_factories_in_its_workers(tmp_path):
     grid = Grid(["least_requests", "block"], [6.0], workloads=("tiny",), scenarios={"tiny": tiny_shared_prefix},
                 requests=60)

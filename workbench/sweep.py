@@ -4,8 +4,9 @@ presets x what the predictor knew), run on a local process pool or on Ray.
 Each cell is one ``block.offline.Study.run``; nothing here simulates or routes, so a sweep measures exactly what
 ``block simulate`` would. Results stream into the workspace's store as each cell finishes (a ``sweep_cells`` row,
 and the cell's run folder under ``<workspace>/runs/<sweep>/<cell>``), and a cell is keyed by a hash of its
-config: a rerun of a sweep, after a crash or Ctrl-C or with a grown grid, runs only the cells the store lacks.
-The keys do not cover the code: after changing the simulator or a policy, name a new sweep.
+config and of the code that decides its result (``code_version``): a rerun of a sweep, after a crash or Ctrl-C
+or with a grown grid, runs only the cells the store lacks, and a rerun after the simulator, a policy or a
+scenario changed runs them all again instead of mixing results of two codes.
 
 Ray is the engine for grids that outgrow one machine (``pip install 'block-workbench[ray]'``): with
 ``ray_address`` the cells are Ray tasks of one CPU each, on the cluster at that address (``auto``, ``ray://…``),
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib
 import itertools
@@ -37,6 +39,8 @@ import orjson
 import pandas as pd
 from tqdm import tqdm
 
+import block
+import simulator
 from block.offline import ClusterSpec, Honesty, Scenario, Study, as_fleet, get_cluster
 from block.policies import make_policy
 from simulator.fleet import Fleet
@@ -51,6 +55,21 @@ LengthEstimator = Callable[[Sequence[Request]], list[int]]
 MODES = {"honest": Honesty(), "oracle-lengths": Honesty(oracle_lengths=True),
          "oracle-timing": Honesty(oracle_timing=True),
          "oracle-timing+oracle-lengths": Honesty(oracle_timing=True, oracle_lengths=True)}
+
+
+@functools.cache
+def code_version() -> str:
+    """A hash of every source file that decides a cell's result: the simulator, the policies and predictor
+    (``block``), and how a cell becomes a study (this module and the scenarios). Coarse on purpose: a change
+    that cannot move a result (a docstring) also recomputes the cells, but no change that can is missed."""
+    here = Path(__file__).resolve()
+    files = [(root, f) for root in (Path(p.__file__).resolve().parent for p in (simulator, block))
+             for f in sorted(root.rglob("*.py"))]
+    digest = hashlib.sha256()
+    for root, f in (*files, (here.parent, here), (here.parent, here.with_name("scenarios.py"))):
+        digest.update(f"{root.name}/{f.relative_to(root)}\0".encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -87,7 +106,9 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(orjson.dumps(self.config(), option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+        """The cell's config and the code's version: the same key means the same result."""
+        return hashlib.sha256(orjson.dumps({"config": self.config(), "code": code_version()},
+                                           option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
     def spec(self) -> ClusterSpec | Fleet:
         """The preset, fleet or compact cluster (``4xA100-80G,8xA30``) with the cell's batch cap and chunk (on
