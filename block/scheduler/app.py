@@ -33,7 +33,7 @@ import hmac
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import aiohttp
 import orjson
@@ -72,6 +72,7 @@ from block.protocol import (
     text_block_hashes,
 )
 from block.routing import FALLBACKS, NoCandidates, Router, RoutingDecision, RoutingPlan
+from block.scheduler.mirror import CANDIDATE_ID
 from block.scheduler.registry import Instance, OutlierDetection, Registry
 from simulator.workload import Request
 from store.auth import ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV, admin_token, token_for
@@ -226,6 +227,7 @@ class Scheduler:
         assert plan.target is not None
         deadline = plan.started + self.mirror_budget_s
         remote = []
+        request = replace(plan.request, id=CANDIDATE_ID)  # once, not per instance
         for c in sorted(plan.shortlist, key=lambda c: c.signals.unfinished_tokens):
             inst = self.registry[c.name]
             if inst.view is None:
@@ -234,7 +236,7 @@ class Scheduler:
             elif time.perf_counter() >= deadline:
                 self.mirror_over_budget_total += 1
             else:
-                c.predictions[plan.target] = inst.mirror.predict(inst.view, plan.request, plan.target,
+                c.predictions[plan.target] = inst.mirror.predict(inst.view, request, plan.target,
                                                                  self.policy.wants_impact)
                 self.mirror_predictions_total += 1
         return remote

@@ -38,6 +38,7 @@ from simulator.workload import Request
 
 log = logging.getLogger(__name__)
 
+CANDIDATE_ID = -1  # the request being placed, in every fork (the side-car's ids start at 0, dispatches below -1)
 MAX_LINE_BYTES = 16 << 20  # a state message larger than this is refused (about 100k tracked requests)
 
 
@@ -143,11 +144,11 @@ class Mirror:
 
     def view(self, pending: list[Request]) -> StateView:
         """The newest state with this scheduler's unseen dispatches: what its candidate and prediction use.
-        The side-car numbers its requests from 0; the dispatches get ids below -1 (-1 is the candidate's), so
-        no fork holds two requests with one id."""
+        The side-car numbers its requests from 0 and the dispatches come numbered below -1 (-1 is the
+        candidate's, ``registry.DISPATCH_IDS``), so no fork holds two requests with one id."""
         if self._view is None:
             self._view = StateView(self.received_at, self.state().state, self.cache)
-        self._view.pending = [replace(r, id=-2 - i) for i, r in enumerate(pending)]
+        self._view.pending = pending
         return self._view
 
     def capacity(self, config: EngineConfig) -> float:
@@ -171,7 +172,8 @@ class Mirror:
     def predict(self, view: StateView, request: Request, target: str, with_impact: bool = False) -> Prediction:
         """The side-car's prediction, made here with the side-car's own predictor."""
         assert self.model is not None
-        pred = view.predict(self.model.predictor, self.name, replace(request, id=-1), target, self.now(), with_impact)
+        candidate = request if request.id == CANDIDATE_ID else replace(request, id=CANDIDATE_ID)
+        pred = view.predict(self.model.predictor, self.name, candidate, target, self.now(), with_impact)
         return pred.in_wall_seconds(self.model.time_scale)
 
     def describe(self) -> dict:

@@ -19,10 +19,11 @@ routable instance is never ejected, since refusing every request is worse than t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import aiohttp
 import orjson
@@ -35,6 +36,9 @@ from block.scheduler.mirror import Mirror
 from simulator.workload import LengthPrior, Request
 
 PENDING_TTL_S = 10.0  # a dispatch no state ever showed (lost before the side-car saw it) stops counting
+# A fork holds the side-car's requests (ids from 0), the candidate (-1) and this scheduler's unseen dispatches:
+# each dispatch takes its own id below -1 once, when it is sent, not again at every decision that sees it.
+DISPATCH_IDS = itertools.count(-2, -1)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,7 @@ class Dispatch:
 
     at: float  # time.monotonic()
     rid: str  # the scheduler's request id, which the side-car reports back in its state stream
-    request: Request
+    request: Request  # numbered below -1 (``DISPATCH_IDS``), so a fork can hold it beside the instance's own
 
 
 @dataclass
@@ -304,7 +308,7 @@ class Registry:
 
     def dispatched(self, name: str, request: Request, rid: str) -> None:
         inst = self.instances[name]
-        inst.pending.append(Dispatch(time.monotonic(), rid, request))
+        inst.pending.append(Dispatch(time.monotonic(), rid, replace(request, id=next(DISPATCH_IDS))))
         inst.dispatched_total += 1
 
     def undispatched(self, name: str, rid: str) -> None:
