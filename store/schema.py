@@ -8,6 +8,7 @@ writes exactly the columns a live one does. One DuckDB file per workspace; only 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 import uuid
@@ -37,7 +38,14 @@ class Row:
     event_id: str = field(default_factory=new_event_id)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """A row holds scalars only, so a shallow copy of its fields is the whole row (``dataclasses.asdict``
+        deep-copies each value: 5% of a scheduler's CPU at a few hundred requests per second, py-spy)."""
+        return {name: getattr(self, name) for name in _field_names(type(self))}
+
+
+@functools.cache
+def _field_names(row: type[Row]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(row))
 
 
 @dataclass(kw_only=True)
