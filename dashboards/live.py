@@ -159,8 +159,8 @@ class LiveView:
         self.mape = number(label="E2E MAPE (%)", value=0, format="{value:.0f}")
         self.rank = number(label="E2E rank accuracy (%)", value=0, format="{value:.0f}")
         self.hint = pn.pane.Alert("", alert_type="info", visible=False, sizing_mode="stretch_width")
-        self.sources = {name: ColumnDataSource(_columns(_empty(**dtypes), dtypes)) for name, dtypes in COLUMNS.items()}
-        self.diagonal = ColumnDataSource({"x": [0.0, 1.0], "y": [0.0, 1.0]})
+        self.sources = {name: ColumnDataSource() for name in COLUMNS}  # filled (emptied) by reset()
+        self.diagonal = ColumnDataSource()
         self.load_range = FactorRange()  # the instances the load bars show
         self.colors: dict[str, str] = {}  # an instance keeps its colour for the tab's life
         self.run.param.watch(self._select, "value")
@@ -241,8 +241,8 @@ class LiveView:
         latest = samples.sort_values("t").groupby("instance").tail(1) if len(samples) else samples
         load = pd.DataFrame({"instance": latest["instance"].to_numpy(),
                              "running": latest["running"].fillna(0).to_numpy(dtype=float),
-                             "waiting": latest["waiting"].fillna(0).to_numpy(dtype=float)}).sort_values(
-            "instance") if len(latest) else _empty(**LOAD)
+                             "waiting": latest["waiting"].fillna(0).to_numpy(dtype=float)}) if len(latest) \
+            else _empty(**LOAD)
         if len(samples):
             samples = samples.assign(color=[self._color(i) for i in samples["instance"]])
         return Update(
@@ -295,9 +295,10 @@ class LiveView:
             if len(u.latest_load):
                 self._load(u.latest_load)
             seen = self.sources["outcomes"].data
-            top = float(np.nanmax(np.concatenate([seen["predicted_e2e"], seen["e2e"], [1e-3]])))
-            if len(u.outcomes) and top != self.diagonal.data["x"][1]:  # y = x spans the points, however far off
-                self.diagonal.data = {"x": [0.0, top], "y": [0.0, top]}
+            if len(u.outcomes):  # y = x spans the points, however far off they are
+                top = float(np.nanmax(np.concatenate([seen["predicted_e2e"], seen["e2e"], [1e-3]])))
+                if top != self.diagonal.data["x"][1]:
+                    self.diagonal.data = {"x": [0.0, top], "y": [0.0, top]}
         self.completed.value, self.failed.value, self.fallbacks.value = u.completed, u.failed, u.fallbacks
         ttft = self.recent_ttft["ttft"].dropna()
         self.p99.value = float(ttft.quantile(0.99) * 1e3) if len(ttft) else 0.0

@@ -61,7 +61,8 @@ MODES = {"honest": Honesty(), "oracle-lengths": Honesty(oracle_lengths=True),
 def code_version() -> str:
     """A hash of every source file that decides a cell's result: the simulator, the policies and predictor
     (``block``), and how a cell becomes a study (this module and the scenarios). Coarse on purpose: a change
-    that cannot move a result (a docstring) also recomputes the cells, but no change that can is missed."""
+    that cannot move a result (a docstring) also recomputes the cells. Not covered: the data a cell reads
+    (a trace or profile under ``BLOCK_DATA_DIR``) and the installed libraries."""
     here = Path(__file__).resolve()
     files = [(root, f) for root in (Path(p.__file__).resolve().parent for p in (simulator, block))
              for f in sorted(root.rglob("*.py"))]

@@ -20,6 +20,7 @@ its side-car within the bound is not used: the caller asks that side-car directl
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -38,7 +39,11 @@ from simulator.workload import Request
 
 log = logging.getLogger(__name__)
 
-CANDIDATE_ID = -1  # the request being placed, in every fork (the side-car's ids start at 0, dispatches below -1)
+# A fork holds the side-car's requests (ids from 0), the request being placed (CANDIDATE_ID) and this
+# scheduler's unseen dispatches: each dispatch takes its own id below -1 once, when it is sent
+# (``Registry.dispatched``), not again at every decision that sees it.
+CANDIDATE_ID = -1
+DISPATCH_IDS = itertools.count(-2, -1)
 MAX_LINE_BYTES = 16 << 20  # a state message larger than this is refused (about 100k tracked requests)
 
 
@@ -145,7 +150,7 @@ class Mirror:
     def view(self, pending: list[Request]) -> StateView:
         """The newest state with this scheduler's unseen dispatches: what its candidate and prediction use.
         The side-car numbers its requests from 0 and the dispatches come numbered below -1 (-1 is the
-        candidate's, ``registry.DISPATCH_IDS``), so no fork holds two requests with one id."""
+        candidate's, ``DISPATCH_IDS``), so no fork holds two requests with one id."""
         if self._view is None:
             self._view = StateView(self.received_at, self.state().state, self.cache)
         self._view.pending = pending

@@ -19,7 +19,6 @@ routable instance is never ejected, since refusing every request is worse than t
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -32,13 +31,10 @@ from block.policies import Candidate
 from block.prefix_index import ApproximatePrefixIndex
 from block.protocol import LoadSignals, ProtocolError, SideCarStatus
 from block.routing import StateView
-from block.scheduler.mirror import Mirror
+from block.scheduler.mirror import DISPATCH_IDS, Mirror
 from simulator.workload import LengthPrior, Request
 
 PENDING_TTL_S = 10.0  # a dispatch no state ever showed (lost before the side-car saw it) stops counting
-# A fork holds the side-car's requests (ids from 0), the candidate (-1) and this scheduler's unseen dispatches:
-# each dispatch takes its own id below -1 once, when it is sent, not again at every decision that sees it.
-DISPATCH_IDS = itertools.count(-2, -1)
 
 log = logging.getLogger(__name__)
 
