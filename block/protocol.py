@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -405,13 +406,13 @@ def state_from_dict(raw: object, where: str = "state") -> InstanceState:
 @dataclass
 class MirroredState:
     """One ``state`` message: the instance as its side-car tracks it, and which scheduler request ids that
-    covers (``rids``: tracked now; ``done``: finished in the last seconds), so a scheduler stops counting its
-    own dispatches exactly when the side-car shows them, even when it reads only the newest message."""
+    covers (``seen``: the ids it tracks now and those finished in the last seconds), so a scheduler stops
+    counting its own dispatches exactly when the side-car shows them, even when it reads only the newest
+    message. ``seen`` is a set built once per message: every decision on this state looks its dispatches up."""
 
     seq: int
     state: InstanceState
-    rids: list[str]
-    done: list[str]
+    seen: frozenset[str]
     engine_ok: bool
     engine_error: str = ""
 
@@ -422,5 +423,5 @@ class MirroredState:
         if not isinstance(rids, list) or not isinstance(done, list):
             raise ProtocolError("state message: 'rids' and 'done' must be lists", "rids")
         seq = _int(d, "seq", "state message", high=1 << 62)
-        return cls(seq, state, [str(r) for r in rids], [str(r) for r in done],  # type: ignore[arg-type]
+        return cls(seq, state, frozenset(str(r) for r in itertools.chain(rids, done)),
                    d.get("engine_ok") is not False, str(d.get("engine_error") or ""))

@@ -358,7 +358,7 @@ class Engine:
         self.noise = noise
         self.fast_path = fast_path
         self.name = name
-        self._rng = random.Random(seed)
+        self._rng = random.Random(seed) if noise else None  # seeding costs ~10 us a fork; predictors use none
         self.now = 0.0
         self.steps = 0  # D: iterations executed
         self.free_blocks = config.num_blocks
@@ -396,20 +396,26 @@ class Engine:
         self.prefix_hit_tokens = 0
 
     # ---- requests in and out ---------------------------------------------------------------------
-    def add_request(self, request: Request, target: int | None = None) -> Seq:
-        """Queue a request. ``target`` overrides the output length the engine will generate."""
+    def add_request(self, request: Request, target: int | None = None, arrival: float | None = None,
+                    prompt_only: bool = False) -> Seq:
+        """Queue a request. ``target`` overrides the output length the engine will generate and ``arrival`` its
+        arrival; ``prompt_only`` keeps only the hashes of its prompt's blocks (a predictor cannot hash an answer
+        not yet written). A predictor queues every pending request of every fork: overriding here spares it
+        building a Request per queued request, which cost more than the fork's simulation."""
         out = request.output_tokens if target is None else target
         validate_lengths(request.prompt_tokens, out, where=f"{self.name}: request {request.id}",
                          max_context=self.config.max_model_len)
+        hashes = request.block_hashes[: request.prompt_tokens // self._bs] if prompt_only else request.block_hashes
         full = (request.prompt_tokens + out) // self._bs
-        if len(request.block_hashes) > full:
-            raise ValueError(f"{self.name}: request {request.id} has {len(request.block_hashes)} block hashes but "
+        if len(hashes) > full:
+            raise ValueError(f"{self.name}: request {request.id} has {len(hashes)} block hashes but "
                              f"{request.prompt_tokens} + {out} tokens fill only {full} blocks of {self._bs}")
-        seq = Seq(request.id, request.arrival, request.prompt_tokens, out, request.predicted_output_tokens,
-                  request.block_hashes if self._caching else ())
+        at = request.arrival if arrival is None else arrival
+        seq = Seq(request.id, at, request.prompt_tokens, out, request.predicted_output_tokens,
+                  hashes if self._caching else ())
         self._check_fits(seq)
         if not self.has_work():
-            self.now = max(self.now, request.arrival)
+            self.now = max(self.now, at)
         self.waiting.append(seq)
         return seq
 
@@ -685,7 +691,7 @@ class Engine:
 
     # ---- one iteration ---------------------------------------------------------------------------
     def _noise_factor(self, steps: int) -> float:
-        if not self.noise:
+        if self._rng is None:
             return 1.0
         if steps == 1:
             return 1.0 + self.noise * (2.0 * self._rng.random() - 1.0)

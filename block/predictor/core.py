@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
-from simulator.engine import Engine, EngineConfig, InstanceState
+from simulator.engine import Engine, EngineConfig, InstanceState, Seq
 from simulator.timing import TimingModel
 from simulator.workload import LengthPrior, Request
 
@@ -52,8 +52,9 @@ class Prediction:
         """This prediction for an engine emulated ``time_scale`` times faster than real time, in real seconds."""
         if time_scale == 1.0:
             return self
-        return replace(self, **{k: getattr(self, k) / time_scale
-                                for k in ("ttft", "e2e", "queueing", "added_delay", "state_age")})
+        s = time_scale
+        return replace(self, ttft=self.ttft / s, e2e=self.e2e / s, queueing=self.queueing / s,
+                       added_delay=self.added_delay / s, state_age=self.state_age / s)
 
 
 @dataclass
@@ -74,15 +75,14 @@ class Predictor:
             out[r.id] = max(r.generated_tokens + 1, min(p, max_len - r.prompt_tokens))
         return out
 
-    def _as_seen(self, r: Request, arrival: float, config: EngineConfig) -> Request:
-        """The request as the predictor may see it: its estimated (or prior) length, never the truth, and
+    def _add_seen(self, eng: Engine, r: Request, arrival: float, config: EngineConfig) -> Seq:
+        """Queue the request as the predictor may see it: its estimated (or prior) length, never the truth, and
         the hashes of its prompt's full blocks (what a side-car can compute from the text), never those of
         an answer not yet written."""
         p = r.predicted_output_tokens
         length = p if p is not None and p >= 1 else self.prior.median
         out = max(1, min(length, config.max_model_len - r.prompt_tokens))
-        return Request(r.id, arrival, r.prompt_tokens, out, p,
-                       block_hashes=r.block_hashes[: r.prompt_tokens // config.block_size])
+        return eng.add_request(r, out, arrival, prompt_only=True)
 
     def fork(self, state: InstanceState) -> Engine:
         return Engine.restore(state, self.timing, self._targets(state), fast_path=self.fast_path)
@@ -113,15 +113,14 @@ class Predictor:
         eng = self.fork(state)
         arrival = now  # the fork may be mid-iteration past it: the candidate then waits, as it would
         for r in extra:
-            eng.add_request(self._as_seen(r, arrival, state.config))
+            self._add_seen(eng, r, arrival, state.config)
         for r in sorted(timed_extra, key=lambda r: r.arrival):
             eng.advance(r.arrival)
-            eng.add_request(self._as_seen(r, max(r.arrival, arrival), state.config))
+            self._add_seen(eng, r, max(r.arrival, arrival), state.config)
         if timed_extra:
             arrival = max(arrival, candidate.arrival)
         eng.advance(arrival)
-        seen = self._as_seen(candidate, arrival, state.config)
-        cand = eng.add_request(seen)
+        cand = self._add_seen(eng, candidate, arrival, state.config)
         ttft_only = target == "ttft"
         min_free = eng.run_for(cand, first_token_only=ttft_only, limit=arrival + self.horizon_s)
         hit = cand.finish_time is None and not (ttft_only and cand.first_token is not None)
@@ -142,7 +141,7 @@ class Predictor:
             state_age=max(0.0, now - state.clock),
             horizon_hit=hit,
             compute_ms=(time.perf_counter() - t0) * 1e3,
-            output_tokens=seen.output_tokens,
+            output_tokens=cand.target,
             hit_tokens=cand.hit_blocks * state.config.block_size,
         )
 
@@ -152,7 +151,7 @@ class Predictor:
         (requests still unfinished then count as finishing then, so this is a lower bound)."""
         base = self.fork(state)
         for r in extra:
-            base.add_request(self._as_seen(r, arrival, state.config))
+            self._add_seen(base, r, arrival, state.config)
         end = with_cand.now
         base.advance(end)
         before = {s.id: s.finish_time for s in base.finished}

@@ -267,8 +267,7 @@ class Registry:
             return None
         if not state.engine_ok:
             return None
-        seen = set(state.rids)
-        seen.update(state.done)
+        seen = state.seen
         inst.pending = [d for d in inst.pending if d.rid not in seen and now - d.at < PENDING_TTL_S]
         assert inst.mirror.model is not None
         inst.predictor = inst.mirror.model.predictor.label
