@@ -403,8 +403,9 @@ class Engine:
         not yet written). A predictor queues every pending request of every fork: overriding here spares it
         building a Request per queued request, which cost more than the fork's simulation."""
         out = request.output_tokens if target is None else target
-        validate_lengths(request.prompt_tokens, out, where=f"{self.name}: request {request.id}",
-                         max_context=self.config.max_model_len)
+        if request.prompt_tokens < 1 or out < 1 or request.prompt_tokens + out > self.config.max_model_len:
+            validate_lengths(request.prompt_tokens, out, where=f"{self.name}: request {request.id}",
+                             max_context=self.config.max_model_len)  # raises, naming the request
         hashes = request.block_hashes[: request.prompt_tokens // self._bs] if prompt_only else request.block_hashes
         full = (request.prompt_tokens + out) // self._bs
         if len(hashes) > full:

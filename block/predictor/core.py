@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from simulator.engine import Engine, EngineConfig, InstanceState, Seq
 from simulator.timing import TimingModel
@@ -66,13 +66,23 @@ class Predictor:
     horizon_s: float = 300.0
     fast_path: bool = True
     label: str = "unlabelled"  # what this predictor knows (block.predictor.calibration builds the label)
+    _last_targets: tuple[list, LengthPrior, dict[int, int]] | None = field(default=None, init=False, repr=False,
+                                                                            compare=False)
 
     def _targets(self, state: InstanceState) -> dict[int, int]:
+        """The output length each of the state's requests runs to in a fork. A scheduler forks one state many
+        times (every decision until its side-car's next message; StateView.predict may copy the state but
+        keeps its request list), and these were 60% of a fork's cost: the newest list's are kept (states
+        are built afresh, never edited in place, and the kept reference stops a new list reusing its id)."""
+        last = self._last_targets
+        if last is not None and last[0] is state.requests and last[1] is self.prior:
+            return last[2]
         out = {}
         max_len = state.config.max_model_len
         for r in state.requests:
             p = r.generated_tokens + self.prior.expected_remaining(r.generated_tokens, r.predicted_output_tokens)
             out[r.id] = max(r.generated_tokens + 1, min(p, max_len - r.prompt_tokens))
+        self._last_targets = (state.requests, self.prior, out)
         return out
 
     def _add_seen(self, eng: Engine, r: Request, arrival: float, config: EngineConfig) -> Seq:
