@@ -16,7 +16,7 @@ The scheduler predicts in-process from the side-cars' streamed states (``--predi
 default); ``--fanout`` runs the same measurements with the per-request ``/predict`` fan-out instead.
 
 Everything (19 processes and the load generator) shares this machine's cores, so overheads include
-CPU contention. --quick keeps the whole run under a minute.
+CPU contention. --quick takes about two minutes (most of it starting the three clusters).
 """
 
 from __future__ import annotations
