@@ -55,6 +55,19 @@ def test_requests_past_their_estimate_get_a_conditional_remainder():
         LengthPrior([])
 
 
+def test_a_predictor_reused_across_states_predicts_as_a_fresh_one():
+    """A predictor keeps the newest state's fork targets (a scheduler forks one state at every decision);
+    another state, or a new prior, must not run on them."""
+    cand = Request(100, 0.0, 300, 1)
+    reused = Predictor(TIMING, LengthPrior([50] * 5))
+    for n in (20, 5, 20):
+        state = InstanceState(CFG, 0.0, [RequestState(i, 0.0, 200, 209, 10, "running", 14) for i in range(n)])
+        fresh = Predictor(TIMING, LengthPrior([50] * 5)).predict(state, cand).e2e
+        assert reused.predict(state, cand).e2e == reused.predict(state, cand).e2e == fresh
+    reused.prior = LengthPrior([900] * 5)
+    assert reused.predict(state, cand).e2e == Predictor(TIMING, reused.prior).predict(state, cand).e2e > fresh
+
+
 def test_horizon_caps_the_work_and_says_so():
     pred = Predictor(TIMING, LengthPrior([2000] * 5), horizon_s=1.0)
     p = pred.predict(InstanceState(CFG, 0.0), Request(1, 0.0, 100, 1))
