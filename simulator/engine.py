@@ -406,6 +406,8 @@ class Engine:
         if request.prompt_tokens < 1 or out < 1 or request.prompt_tokens + out > self.config.max_model_len:
             validate_lengths(request.prompt_tokens, out, where=f"{self.name}: request {request.id}",
                              max_context=self.config.max_model_len)  # raises, naming the request
+        # (the guard repeats validate_lengths' conditions: formatting the name on every call, or a lazy-name
+        # lambda, cost 0.2 us a queued request, 5-9% of a prediction with 16 pending)
         hashes = request.block_hashes[: request.prompt_tokens // self._bs] if prompt_only else request.block_hashes
         full = (request.prompt_tokens + out) // self._bs
         if len(hashes) > full:
