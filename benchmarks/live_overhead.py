@@ -45,8 +45,8 @@ def short_requests(n: int, qps: float, seed: int = 0) -> list[Request]:
 
 
 def decisions_since(cluster: LocalCluster, ts: float) -> pd.DataFrame:
-    """Block's decisions taken since ``ts`` (their rows reach DuckDB within the sinks' flush interval)."""
-    time.sleep(1.5)
+    """Block's decisions taken since ``ts`` (their rows reach DuckDB within the sinks' flush interval, 1 s)."""
+    time.sleep(2.5)
     return cluster.reader().sql("SELECT decision_ms, fallback FROM decisions WHERE ts >= ? AND policy = ?",
                                 [ts, "block"])
 

@@ -173,7 +173,7 @@ def test_engines_listen_on_loopback_where_only_their_sidecar_reaches_them(monkey
     the side-car (same host) gets that URL and listens on the host's address, with the token file."""
     spawned = {}
 
-    async def spawn(self, args, log, env=None, append=False):
+    async def spawn(self, args, log, env=None, append=False, nice=0):
         spawned[log] = (args, env)
         return len(spawned)
 

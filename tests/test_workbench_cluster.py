@@ -213,3 +213,38 @@ def test_stop_also_ends_children_a_service_leaves_behind(tmp_path):
             assert children[0].status() == psutil.STATUS_ZOMBIE
 
     asyncio.run(go())
+
+
+def test_a_service_started_nicer_runs_at_that_priority_children_and_session_included(tmp_path):
+    """The collector and the instances start at a lower CPU priority than the scheduler (SERVICE_NICE).
+    The recorded pid is still the service's own, its children inherit the priority, and where the kernel
+    shares CPU between sessions (autogroup) the service's session carries it too: a process's own nice would
+    otherwise rank it only against itself."""
+    import psutil
+
+    from workbench.cluster import SERVICE_NICE, HostSpec
+
+    assert SERVICE_NICE["scheduler"] == 0 and min(v for k, v in SERVICE_NICE.items() if k != "scheduler") > 0
+
+    async def go():
+        host = Host(HostSpec("l", "localhost", workdir=str(tmp_path)))
+        with pytest.raises(ValueError, match="nice must be 0-19"):
+            await host.spawn(["true"], "logs/x.log", nice=-5)
+        pid = await host.spawn([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '60']); "
+                                "time.sleep(60)"], "logs/nice.log", nice=7)
+        try:
+            for _ in range(100):
+                children = psutil.Process(pid).children()
+                if children:
+                    break
+                await asyncio.sleep(0.05)
+            assert psutil.Process(pid).cmdline()[0] == sys.executable and os.getpgid(pid) == pid
+            assert os.getpriority(os.PRIO_PROCESS, pid) == 7 == children[0].nice()
+            group = Path(f"/proc/{pid}/autogroup")
+            if group.exists():
+                assert group.read_text().split()[-1] == "7"
+                assert Path("/proc/self/autogroup").read_text() != group.read_text()  # not the test's own group
+        finally:
+            await host.stop(pid)
+
+    asyncio.run(go())
