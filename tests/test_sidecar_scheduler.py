@@ -42,7 +42,7 @@ def instance(name, collector=None):
     emu = EmulatedEngine(CFG, TIMING, time_scale=SCALE, name=name)
     with serve(emulator_app(emu, "llama")) as engine_url:
         car = SideCar(name, engine_url, InstanceTracker(CFG, SCALE), build_predictor(LengthPrior.embedded(), TIMING),
-                      sink=EventSink(collector, "t"), metrics_interval=0.05)
+                      sink=EventSink(collector, "t", interval=0.1), metrics_interval=0.05)
         with serve(sidecar_app(car)) as car_url:
             yield emu, car, car_url
 
@@ -57,7 +57,7 @@ def cluster(tmp_path, n=2, policy="block", budget_s=0.5, estimator=None, extra=N
         insts = [stack.enter_context(instance(f"i{k}", collector)) for k in range(n)]
         urls = {f"i{k}": insts[k][2] for k in range(n)} | (extra or {})
         sched = Scheduler(urls, policy, ["llama"], 4096, predict_budget_s=budget_s, admin_token=TOKEN,
-                          sink=EventSink(collector, "t"), poll_interval=0.05, estimator=estimator,
+                          sink=EventSink(collector, "t", interval=0.1), poll_interval=0.05, estimator=estimator,
                           **scheduler_options)
         url = stack.enter_context(serve(scheduler_app(sched)))
         yield sched, url, insts, collector
@@ -214,7 +214,7 @@ def test_two_scheduler_replicas_route_consistently_from_their_mirrors(tmp_path):
     budget = {"mirror_budget_s": 0.5, "mirror_max_age_s": 3.0}  # correctness, not speed: a shared box
     with cluster(tmp_path, n=3, **budget) as (sched, url, insts, collector):
         twin = Scheduler({f"i{k}": insts[k][2] for k in range(3)}, "block", ["llama"], 4096, poll_interval=0.05,
-                         sink=EventSink(collector, "t"), **budget)
+                         sink=EventSink(collector, "t", interval=0.1), **budget)
         with serve(scheduler_app(twin)) as twin_url:
             mirrors_current(sched)
             mirrors_current(twin)
