@@ -151,7 +151,8 @@ def test_a_stopped_side_car_process_costs_a_request_at_most_the_timeout(tmp_path
         store = Store(tmp_path / "ws.duckdb")
         collector = stack.enter_context(serve(collector_app(store)))
         sched = Scheduler({f"p{k}": cars[k][1] for k in range(2)}, "least_requests", ["llama"], 4096,
-                          sink=EventSink(collector, "t", interval=0.1), poll_interval=0.05, timeouts=Timeouts(first_byte=1.0))
+                          sink=EventSink(collector, "t", interval=0.1), poll_interval=0.05,
+                          timeouts=Timeouts(first_byte=1.0))
         url = stack.enter_context(serve(scheduler_app(sched)))
         assert eventually(lambda: len(sched.registry.up()) == 2)
         stopped = cars[0][0]
