@@ -101,3 +101,39 @@ def test_state_age_is_reported():
     pred = Predictor(TIMING, LengthPrior([300]))
     p = pred.predict(InstanceState(CFG, 1.0), Request(1, 1.02, 10, 1), now=1.02)
     assert p.state_age == pytest.approx(0.02)
+
+
+def test_steps_that_cannot_identify_the_timing_model_are_refitted_every_refit_every_samples_not_every_poll(
+        monkeypatch):
+    """Decode-only steps (or one prompt length only, as in a benchmark of identical prompts) leave the model
+    unidentified: the calibration keeps its roofline and tries again after ``refit_every`` more samples. It
+    once retried on every poll, refitting its whole window four times a second."""
+    import random
+
+    import block.predictor.calibration as calibration
+    from simulator.timing import Calibrated, StepSample
+
+    fits = []
+    real = calibration.build_predictor
+    monkeypatch.setattr(calibration, "build_predictor", lambda *a, **kw: fits.append(1) or real(*a, **kw))
+    online = calibration.OnlineCalibration(real(LengthPrior([100] * 10), TIMING), refit_every=200)
+    truth = Calibrated(0.004, 2e-5, 1e-5, 3e-8, 4e-10)
+    rng = random.Random(0)
+
+    def steps(k: int, prefill: bool) -> list[StepSample]:
+        out = []
+        for _ in range(k):
+            pre = ((rng.randint(16, 512), 0),) if prefill and rng.random() < 0.3 else ()
+            n = rng.randint(1, 32)
+            out.append(StepSample(pre, n, n * rng.randint(50, 900), truth.step_time(pre, n, n * 400)))
+        return out
+
+    for _ in range(100):  # 1000 decode-only steps in polls of 10
+        online.add(steps(10, prefill=False))
+    assert online.fits == 0 and online.predictor.label.startswith("timing=roofline(uncalibrated)")
+    assert 2 <= len(fits) <= 1 + 1000 // 200
+    tried = len(fits)
+    for _ in range(20):  # 200 steps with prefills of several lengths: the next attempt fits
+        online.add(steps(10, prefill=True))
+    assert len(fits) == tried + 1 and online.fits == 1
+    assert online.predictor.label.startswith("timing=calibrated(")
