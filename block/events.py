@@ -4,7 +4,7 @@ Services emit store.schema row dataclasses (the table comes from the row, so a p
 column its table lacks) and the sink posts them every ``interval`` seconds (1 s by default: a DuckDB
 transaction costs the collector ~3.5 ms however few rows it carries, so nine services posting every
 0.25 s kept a fifth of a core busy on an idle cluster; once a second is how often the dashboards
-refresh, and the delay Fluent Bit and Vector batch logs with). A collector that is down
+refresh). A collector that is down
 does not lose events: batches stay buffered (up to ``max_buffer`` rows per table, then the oldest are
 counted as dropped and the count is reported) and are retried on the next flush. A batch the collector
 refuses (HTTP 4xx: rows that break the contract) would be refused again, so it is logged with the

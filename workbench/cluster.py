@@ -577,7 +577,7 @@ class RestartPolicy:
 # Each kind of service's CPU priority on a shared host (nice: higher is lower). The scheduler is the one hop
 # every request crosses, so it gets a core first; the collector writes in the background. On 2 cores with 8
 # instances at 150 req/s and all equal, a quarter of the routing decisions were preempted mid-way (decision
-# P99 6-9 ms against 0.7 ms P50, client TTFT P99 ~200 ms); with these, decision P99 2.3 ms, TTFT P99 ~70 ms.
+# P99 6-9 ms against 0.7 ms P50, client TTFT P99 ~200 ms); with these, 2-3.5 ms and 70-85 ms (diagnostic runs).
 SERVICE_NICE = {"scheduler": 0, "sidecar": 5, "engine": 5, "collector": 10}
 STOP_ORDER = ("scheduler", "sidecar", "engine", "collector")  # clients first; the collector takes the last events
 SECRETS = ("cluster-token", "admin-token")  # file names under <workdir>/secrets
