@@ -463,15 +463,18 @@ class Host:
         ``nice`` (0-19) lowers the service's CPU priority, its children's included. Where the kernel groups
         each session for fair CPU shares (autogroup, on by default in most distributions), a process's own
         nice only ranks it within its session, so the new session's group gets the same nice too (Linux's
-        ``/proc/self/autogroup``; lowering needs no privilege; elsewhere nice(1) alone does it).
+        ``/proc/self/autogroup``; lowering needs no privilege, but without CAP_SYS_ADMIN the kernel takes one
+        such change per 0.1 s machine-wide, so a refused write is retried for half a second; elsewhere
+        nice(1) alone does it).
         """
         if problem := env_problem(env or {}):
             raise ValueError(f"host {self.spec.name}: {problem}")
         if not 0 <= nice <= 19:
             raise ValueError(f"host {self.spec.name}: nice must be 0-19 (a lower priority), got {nice}")
         settings = [f"{k}={v}" for k, v in (env or {}).items()]
-        lower = ["sh", "-c", f'echo {nice} > /proc/self/autogroup 2>/dev/null; exec "$@"', "sh",
-                 "nice", "-n", str(nice)] if nice else []
+        group = (f"[ -e /proc/self/autogroup ] && for _ in 1 2 3 4 5; do {{ echo {nice} > /proc/self/autogroup; }} "
+                 "2>/dev/null && break; sleep 0.1; done")
+        lower = ["sh", "-c", f'{group}; exec "$@"', "sh", "nice", "-n", str(nice)] if nice else []
         cmd = " ".join(shlex.quote(a) for a in ["setsid", *lower, *(["env", *settings] if settings else []), *args])
         wd = shlex.quote(self.spec.workdir)
         out = await self.run(f"mkdir -p {wd}/logs && cd {wd} && (nohup {cmd} {'>>' if append else '>'} "
