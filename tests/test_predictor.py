@@ -125,7 +125,8 @@ def test_steps_that_cannot_identify_the_timing_model_are_refitted_every_refit_ev
         for _ in range(k):
             pre = ((rng.randint(16, 512), 0),) if prefill and rng.random() < 0.3 else ()
             n = rng.randint(1, 32)
-            out.append(StepSample(pre, n, n * rng.randint(50, 900), truth.step_time(pre, n, n * 400)))
+            ctx = n * rng.randint(50, 900)
+            out.append(StepSample(pre, n, ctx, truth.step_time(pre, n, ctx)))
         return out
 
     for _ in range(100):  # 1000 decode-only steps in polls of 10
