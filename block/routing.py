@@ -133,7 +133,7 @@ class StateView:
         if isinstance(self.cache, BlockSet):
             hit = self.cache.match(prompt_hashes(request, state.config.block_size))
             if hit:
-                state = dataclasses.replace(state, cached=[CachedRun(None, tuple(request.block_hashes[:hit]), 0, 0)])
+                state = state.with_cached([CachedRun(None, tuple(request.block_hashes[:hit]), 0, 0)])
         return predictor.predict(state, request, target=target, now=now, instance=name, extra=self.pending,
                                  with_impact=with_impact)
 

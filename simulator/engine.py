@@ -221,6 +221,11 @@ class InstanceState:
         if running > cfg.max_num_seqs:
             raise ValueError(f"InstanceState: {running} running requests exceed max_num_seqs {cfg.max_num_seqs}")
 
+    def with_cached(self, cached: list[CachedRun]) -> InstanceState:
+        """This state over another prefix cache: a live scheduler knows its side-car's cache as a block set
+        and forks with the candidate's own hit only (``dataclasses.replace`` cost 5 us a prediction)."""
+        return InstanceState(self.config, self.clock, self.requests, self.total_preemptions, cached)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
@@ -421,6 +426,22 @@ class Engine:
             self.now = max(self.now, at)
         self.waiting.append(seq)
         return seq
+
+    def add_estimated(self, request: Request, default_target: int, arrival: float) -> Seq:
+        """Queue a request as a predictor may see it: running to its estimated length, else to
+        ``default_target`` (the prior's), within the context, never to its true length; and with the hashes
+        of its prompt's full blocks only (an answer not yet written has none)."""
+        p = request.predicted_output_tokens
+        length = p if p is not None and p >= 1 else default_target
+        return self.add_request(request, max(1, min(length, self.config.max_model_len - request.prompt_tokens)),
+                                arrival, True)
+
+    def add_all_estimated(self, requests: Sequence[Request], default_target: int, arrival: float) -> None:
+        """``add_estimated`` for each of ``requests`` in order, in one call: a live scheduler forks with ~9
+        dispatches its side-car has not shown yet, and queueing them one interpreted call at a time was a
+        fifth of a prediction."""
+        for r in requests:
+            self.add_estimated(r, default_target, arrival)
 
     def _check_fits(self, seq: Seq) -> None:
         need = -(-(seq.prompt + seq.target) // self.config.block_size)

@@ -289,3 +289,17 @@ def test_more_block_hashes_than_blocks_is_a_clear_error():
     eng = Engine(EngineConfig(num_blocks=100), TIMING)
     with pytest.raises(ValueError, match="fill only 2 blocks"):
         eng.add_request(Request(0, 0.0, 20, 20, block_hashes=(1, 2, 3)))
+
+
+def test_estimated_requests_run_to_their_estimate_or_the_default_never_their_truth():
+    cfg = EngineConfig(num_blocks=1052, max_num_seqs=48, max_num_batched_tokens=512, max_model_len=4096)
+    eng = Engine(cfg, TIMING)
+    answer_known = tuple(range(40))  # 20 prompt blocks, then the answer's: a predictor may not hash those
+    unknown = eng.add_estimated(Request(0, 0.0, 320, 300, block_hashes=answer_known), 50, 1.0)
+    estimated = eng.add_estimated(Request(1, 0.0, 320, 300, 30), 50, 1.0)
+    too_long = eng.add_estimated(Request(2, 0.0, 4000, 90, 500), 50, 1.0)
+    assert (unknown.target, estimated.target, too_long.target) == (50, 30, 96)
+    assert unknown.hashes == answer_known[:20] and unknown.arrival == 1.0
+    batch = Engine(cfg, TIMING)
+    batch.add_all_estimated([Request(0, 0.0, 320, 300), Request(1, 0.0, 320, 300, 30)], 50, 2.0)
+    assert [(s.id, s.target, s.arrival) for s in batch.waiting] == [(0, 50, 2.0), (1, 30, 2.0)]

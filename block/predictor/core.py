@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from simulator.engine import Engine, EngineConfig, InstanceState, Seq
+from simulator.engine import Engine, InstanceState
 from simulator.timing import TimingModel
 from simulator.workload import LengthPrior, Request
 
@@ -85,15 +85,6 @@ class Predictor:
         self._last_targets = (state.requests, self.prior, out)
         return out
 
-    def _add_seen(self, eng: Engine, r: Request, arrival: float, config: EngineConfig) -> Seq:
-        """Queue the request as the predictor may see it: its estimated (or prior) length, never the truth, and
-        the hashes of its prompt's full blocks (what a side-car can compute from the text), never those of
-        an answer not yet written."""
-        p = r.predicted_output_tokens
-        length = p if p is not None and p >= 1 else self.prior.median
-        out = max(1, min(length, config.max_model_len - r.prompt_tokens))
-        return eng.add_request(r, out, arrival, prompt_only=True)
-
     def fork(self, state: InstanceState) -> Engine:
         return Engine.restore(state, self.timing, self._targets(state), fast_path=self.fast_path)
 
@@ -122,15 +113,15 @@ class Predictor:
         now = state.clock if now is None else now
         eng = self.fork(state)
         arrival = now  # the fork may be mid-iteration past it: the candidate then waits, as it would
-        for r in extra:
-            self._add_seen(eng, r, arrival, state.config)
+        median = self.prior.median  # what a request without an estimate runs to (Engine.add_estimated)
+        eng.add_all_estimated(extra, median, arrival)
         for r in sorted(timed_extra, key=lambda r: r.arrival):
             eng.advance(r.arrival)
-            self._add_seen(eng, r, max(r.arrival, arrival), state.config)
+            eng.add_estimated(r, median, max(r.arrival, arrival))
         if timed_extra:
             arrival = max(arrival, candidate.arrival)
         eng.advance(arrival)
-        cand = self._add_seen(eng, candidate, arrival, state.config)
+        cand = eng.add_estimated(candidate, median, arrival)
         ttft_only = target == "ttft"
         min_free = eng.run_for(cand, first_token_only=ttft_only, limit=arrival + self.horizon_s)
         hit = cand.finish_time is None and not (ttft_only and cand.first_token is not None)
@@ -160,8 +151,7 @@ class Predictor:
         """Total delay the candidate adds to the requests already there, up to when its fork stopped
         (requests still unfinished then count as finishing then, so this is a lower bound)."""
         base = self.fork(state)
-        for r in extra:
-            self._add_seen(base, r, arrival, state.config)
+        base.add_all_estimated(extra, self.prior.median, arrival)
         end = with_cand.now
         base.advance(end)
         before = {s.id: s.finish_time for s in base.finished}
