@@ -17,7 +17,9 @@ The scheduler predicts in-process from the side-cars' streamed states (``--predi
 default); ``--fanout`` runs the same measurements with the per-request ``/predict`` fan-out instead.
 
 Everything (19 processes and the load generator) shares this machine's cores, so overheads include
-CPU contention. --quick takes about two minutes (most of it starting the three clusters).
+CPU contention. One fixed in-process prediction is timed before and after the phases, so that a slower
+box can be told from a slower path. --quick takes about two minutes (most of it starting the three
+clusters).
 """
 
 from __future__ import annotations
@@ -35,9 +37,31 @@ import pandas as pd
 
 from block.engines.settings import EngineSettings
 from block.offline import ClusterSpec, Honesty, run_policy
+from block.predictor import Predictor
+from simulator.engine import EngineConfig, InstanceState, RequestState
+from simulator.hardware import get_gpu, get_model
+from simulator.timing import Roofline
 from simulator.workload import LengthPrior, Request, poisson_arrivals, synthetic_lengths
 from workbench.loadgen import prompt_of, run_load, summarize
 from workbench.local import LocalCluster
+
+
+def reference_prediction_us(repeats: int = 2000) -> float:
+    """Median microseconds of one fixed in-process prediction (2 requests in the state, 9 unseen dispatches:
+    the throughput phase's average), timed before and after the phases. This VM's single-thread speed
+    swings up to 2x within an hour, and the box's speed is the first thing to rule out when two runs of
+    this benchmark disagree."""
+    predictor = Predictor(Roofline(get_gpu("A30"), get_model("Llama-2-7B")), LengthPrior.embedded())
+    state = InstanceState(EngineConfig(num_blocks=1052, max_num_seqs=48, max_num_batched_tokens=512), 1.0,
+                          [RequestState(i, 0.99, 16, 0, 0, "waiting", 0) for i in range(2)])
+    unseen = [Request(-2 - i, 1.0, 16, 1) for i in range(9)]
+    candidate = Request(-1, 1.0, 16, 1)
+    times = np.empty(repeats)
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        predictor.predict(state, candidate, now=1.04, extra=unseen)
+        times[i] = time.perf_counter() - t0
+    return float(np.median(times) * 1e6)
 
 
 def short_requests(n: int, qps: float, seed: int = 0) -> list[Request]:
@@ -148,11 +172,13 @@ def main() -> None:
     args = parser.parse_args()
     n = 200 if args.quick else 1500
     flags = ["--prediction-source", "fanout" if args.fanout else "mirror"]
+    speed_before = reference_prediction_us()
     with tempfile.TemporaryDirectory() as tmp:
         ws = Path(tmp)
         direct, summaries, fallback_pct, loaded = added_latency(ws, n, flags)
         tput = throughput(ws, 3.0 if args.quick else 15.0, flags, rounds=2 if args.quick else 5)
         fidelity = live_vs_offline(ws, 40 if args.quick else 300, 3.0, flags)
+    speed_after = reference_prediction_us()
     routed, heuristic, ttft_routed = summaries["block"], summaries["least_requests"], summaries["block_ttft"]
     lat = pd.DataFrame([{"path": path, "p50_ttft_ms": summary["median_ttft_ms"], "p99_ttft_ms": summary["p99_ttft_ms"],
                          "completed": summary["completed"], "failed": summary["failed"]}
@@ -180,13 +206,16 @@ def main() -> None:
     print(pd.DataFrame(tput).round(1).to_string(index=False))
     print("\n4. Live (time scale 1) vs offline simulator, same workload and policy, 4 x A30; target within 15%")
     print(fidelity.round(3).to_string(index=False))
+    print(f"\nThe box's speed: one fixed in-process prediction took {speed_before:.1f} us before the phases and "
+          f"{speed_after:.1f} us after (no target; a slower box shows here first)")
     lost = sum(2 * n - summary["completed"] for summary in summaries.values())  # two runs of each policy
     per_s = {r["policy"]: r["routed_per_s"] if r["errors"] == 0 else 0.0 for r in tput}
     ttft_pct = float(fidelity.loc[fidelity["metric"] == "p50_ttft_s", "diff_pct"].iloc[0])
     print(f"RESULT added_p50_ms={added_p50:.2f} added_p99_ms={added_p99:.2f} lr_added_p50_ms={lr_added_p50:.2f} "
           f"routed_per_s={per_s['block']:.0f} lr_routed_per_s={per_s['least_requests']:.0f} "
           f"fallback_pct={fallback_pct:.1f} decision_p99_ms={decision_p99:.2f} "
-          f"live_vs_offline_ttft_pct={ttft_pct:.1f} lost_requests={lost} ttft_added_p50_ms={ttft_added_p50:.2f}")
+          f"live_vs_offline_ttft_pct={ttft_pct:.1f} lost_requests={lost} ttft_added_p50_ms={ttft_added_p50:.2f} "
+          f"ref_prediction_us_before={speed_before:.1f} ref_prediction_us_after={speed_after:.1f}")
 
 
 if __name__ == "__main__":
