@@ -223,7 +223,7 @@ class InstanceState:
 
     def with_cached(self, cached: list[CachedRun]) -> InstanceState:
         """This state over another prefix cache: a live scheduler knows its side-car's cache as a block set
-        and forks with the candidate's own hit only (``dataclasses.replace`` cost 5 us a prediction)."""
+        and forks with the candidate's own hit only (``dataclasses.replace`` took 1.8 us a call, this 0.4 us)."""
         return InstanceState(self.config, self.clock, self.requests, self.total_preemptions, cached)
 
     def to_json(self) -> str:
@@ -434,12 +434,12 @@ class Engine:
         p = request.predicted_output_tokens
         length = p if p is not None and p >= 1 else default_target
         return self.add_request(request, max(1, min(length, self.config.max_model_len - request.prompt_tokens)),
-                                arrival, True)
+                                arrival, prompt_only=True)
 
     def add_all_estimated(self, requests: Sequence[Request], default_target: int, arrival: float) -> None:
         """``add_estimated`` for each of ``requests`` in order, in one call: a live scheduler forks with ~9
         dispatches its side-car has not shown yet, and queueing them one interpreted call at a time was a
-        fifth of a prediction."""
+        fifth of a prediction's profile."""
         for r in requests:
             self.add_estimated(r, default_target, arrival)
 
