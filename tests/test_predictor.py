@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -89,6 +90,20 @@ def test_added_delay_is_reported_when_asked():
     p = pred.predict(InstanceState(CFG, 0.0, running), Request(100, 0.0, 1500, 1), with_impact=True)
     assert p.added_delay > 0
     assert math.isnan(pred.predict(InstanceState(CFG, 0.0), Request(100, 0.0, 10, 1)).added_delay)
+
+
+def test_a_prediction_in_wall_seconds_scales_its_durations_and_keeps_every_other_field():
+    pred = Predictor(TIMING, LengthPrior.embedded())
+    busy = InstanceState(CFG, 0.0, [RequestState(i, 0.0, 300, 0, 0, "waiting", 0) for i in range(8)])
+    p = pred.predict(busy, Request(99, 0.0, 200, 1), now=0.5, instance="i0", with_impact=True)
+    wall = p.in_wall_seconds(50.0)
+    durations = {"ttft", "e2e", "queueing", "added_delay", "state_age"}
+    for f in dataclasses.fields(p):
+        if f.name in durations:
+            assert getattr(wall, f.name) == pytest.approx(getattr(p, f.name) / 50.0, rel=1e-12), f.name
+        else:
+            assert getattr(wall, f.name) == getattr(p, f.name), f.name
+    assert p.in_wall_seconds(1.0) is p
 
 
 def test_unknown_target_is_rejected():

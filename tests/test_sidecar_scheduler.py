@@ -249,6 +249,18 @@ def test_a_stale_mirror_is_never_used_silently(tmp_path):
         assert sample_value(metrics, "block:scheduler_mirror_stale_total") == 6
 
 
+def test_a_dispatch_stops_counting_once_its_response_ends(tmp_path):
+    """Before any state shows it: the scheduler saw it finish, and a fork must not simulate it again."""
+    with cluster(tmp_path, n=2, policy="least_requests") as (sched, url, _insts, _collector):
+        quiet_poller(sched)
+        sched.registry.mirror_max_age_s = 1e-9  # nor may a state stream prune it
+        instances = sched.registry.instances.values()
+        for stream in (True, False):
+            assert complete(url, stream=stream).status_code == 200
+            assert eventually(lambda: not any(i.pending for i in instances)), [i.pending for i in instances]
+        assert sum(i.dispatched_total for i in instances) == 2
+
+
 def test_a_malformed_state_stream_is_refused_with_the_reason():
     m = Mirror("x")
     for line, reason in ((b"{", "not JSON"), (b'{"kind": "gossip"}', "unknown message kind"),

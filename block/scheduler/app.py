@@ -421,7 +421,7 @@ class Scheduler:
         if kind in self.timeouts_total:
             self.timeouts_total[kind] += 1
         call.failures.append(f"{inst.name}: {exc}")
-        self.registry.undispatched(inst.name, call.rid)
+        self.registry.settled(inst.name, call.rid)
         call.timed_out = exc.kind.endswith("_timeout")
         self.registry.mark_down(inst, f"failed before the first token: {exc}")
         self.registry.failed(inst, str(exc), gateway=exc.gateway)
@@ -482,6 +482,8 @@ class Scheduler:
             return
         call.recorded = True
         self._release(call)
+        if call.instance:
+            self.registry.settled(call.instance, call.rid)
         if attempts and call.failures:
             retried = "retried after " + "; ".join(call.failures)
             error = f"{error} ({retried})" if error else retried

@@ -306,8 +306,10 @@ class Registry:
         inst.pending.append(Dispatch(time.monotonic(), rid, replace(request, id=next(DISPATCH_IDS))))
         inst.dispatched_total += 1
 
-    def undispatched(self, name: str, rid: str) -> None:
-        """The dispatch failed before the instance took it: stop counting it there."""
+    def settled(self, name: str, rid: str) -> None:
+        """The dispatch failed before the instance took it, or its response ended: stop counting it there.
+        A request that ends before the instance's state shows it is no load there any more, and a
+        prediction that still queued it would simulate work already done."""
         inst = self.instances.get(name)
         if inst is not None:
             inst.pending = [d for d in inst.pending if d.rid != rid]
