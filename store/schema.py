@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import types
 import typing
-import uuid
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -19,7 +19,9 @@ _DUCK_TYPES = {str: "VARCHAR", float: "DOUBLE", int: "INTEGER", bool: "BOOLEAN"}
 
 
 def new_event_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits as hex, a uuid4's worth; two rows a routed request, and ``uuid4().hex`` cost 3.2 us
+    against 0.4 us for the same bits without the UUID object."""
+    return os.urandom(16).hex()
 
 
 @dataclass(kw_only=True)

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from block.predictor import Predictor
-from simulator.engine import Engine, EngineConfig, InstanceState, RequestState
+from simulator.engine import CachedRun, Engine, EngineConfig, InstanceState, RequestState
 from simulator.hardware import get_gpu, get_model
 from simulator.timing import Roofline
 from simulator.workload import LengthPrior, Request
@@ -104,6 +104,43 @@ def test_a_prediction_in_wall_seconds_scales_its_durations_and_keeps_every_other
         else:
             assert getattr(wall, f.name) == getattr(p, f.name), f.name
     assert p.in_wall_seconds(1.0) is p
+
+
+def test_predictions_on_idle_instances_are_remembered_exactly_and_forgotten_on_a_refit():
+    """An idle fork is predicted once per candidate shape; the answers match a fresh predictor's."""
+    shared = Predictor(TIMING, LengthPrior.embedded())
+    chain = tuple(range(1000, 1040))
+    cases = []
+    for clock, now in ((0.0, 0.0), (3.0, 3.5), (7.25, 9.0)):
+        for prompt, estimate, hit in ((200, None, 0), (200, 40, 0), (640, None, 12), (640, None, 40), (17, 3, 1)):
+            cached = [CachedRun(None, chain[:hit], 0, 0)] if hit else []
+            state = InstanceState(CFG, clock).with_cached(cached)
+            cand = Request(-1, now, prompt, 1, estimate, block_hashes=chain[: prompt // 16])
+            for target, impact in (("e2e", False), ("ttft", False), ("e2e", True)):
+                cases.append((state, cand, now, target, impact))
+    busy = InstanceState(CFG, 1.0, [RequestState(0, 0.5, 300, 300, 20, "running", 21)])
+    cases.append((busy, Request(-1, 1.2, 200, 1), 1.2, "e2e", False))  # not idle: predicted afresh
+    forks = []
+    simulate = shared.fork
+    shared.fork = lambda state: forks.append(state) or simulate(state)
+    for _ in range(2):  # the second pass answers from memory
+        forks.clear()
+        for state, cand, now, target, impact in cases:
+            got = shared.predict(state, cand, target=target, now=now, instance="i3", with_impact=impact)
+            want = Predictor(TIMING, LengthPrior.embedded()).predict(state, cand, target=target, now=now,
+                                                                     instance="i3", with_impact=impact)
+            assert got.instance == want.instance
+            for f in dataclasses.fields(want):
+                if f.name not in ("compute_ms", "instance"):
+                    assert getattr(got, f.name) == pytest.approx(getattr(want, f.name), rel=1e-9, nan_ok=True), f.name
+    assert forks == [busy]  # only the busy instance was simulated again
+    state, cand, now, target, impact = cases[0]
+    before = shared.predict(state, cand, now=now)
+    shared.timing = Roofline(get_gpu("A30"), get_model("Llama-2-13B"))  # what a side-car's refit does
+    after = shared.predict(state, cand, now=now)
+    fresh = Predictor(shared.timing, LengthPrior.embedded())
+    assert after.e2e == pytest.approx(fresh.predict(state, cand, now=now).e2e)
+    assert after.e2e > before.e2e
 
 
 def test_unknown_target_is_rejected():
