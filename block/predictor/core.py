@@ -97,8 +97,7 @@ class Predictor:
         A fork with no request in it and at most one cached prefix run (a live mirror's fork holds only the
         candidate's own hit) starts the candidate at ``now`` whatever the clock says, so its latencies, KV
         pressure and impact are the same for every such state with the same configuration and candidate
-        shape. A lightly loaded cluster is mostly idle instances: one live decision at 50 QPS over 8
-        instances made ~6 identical idle forks of its 8."""
+        shape. At light load most decisions find idle instances, each of which was simulated afresh."""
         if state.requests or len(state.cached) > 1 or now < state.clock:
             return None
         cache: tuple = ()
