@@ -158,8 +158,9 @@ def test_state_age_is_reported():
 def test_steps_that_cannot_identify_the_timing_model_are_refitted_every_refit_every_samples_not_every_poll(
         monkeypatch):
     """Decode-only steps (or one prompt length only, as in a benchmark of identical prompts) leave the model
-    unidentified: the calibration keeps its roofline and tries again after ``refit_every`` more samples. It
-    once retried on every poll, refitting its whole window four times a second."""
+    unidentified: the calibration keeps its roofline and, after a few early retries, tries again after
+    ``refit_every`` more samples. It once retried on every poll, refitting its whole window four times a
+    second."""
     import random
 
     import block.predictor.calibration as calibration
@@ -184,9 +185,34 @@ def test_steps_that_cannot_identify_the_timing_model_are_refitted_every_refit_ev
     for _ in range(100):  # 1000 decode-only steps in polls of 10
         online.add(steps(10, prefill=False))
     assert online.fits == 0 and online.predictor.label.startswith("timing=roofline(uncalibrated)")
-    assert 2 <= len(fits) <= 1 + 1000 // 200
+    assert 2 <= len(fits) <= 1 + calibration.EARLY_RETRIES + 1000 // 200
     tried = len(fits)
     for _ in range(20):  # 200 steps with prefills of several lengths: the next attempt fits
         online.add(steps(10, prefill=True))
     assert len(fits) == tried + 1 and online.fits == 1
     assert online.predictor.label.startswith("timing=calibrated(")
+
+
+def test_a_first_fit_that_came_too_early_is_retried_once_the_next_requests_bring_their_prefills():
+    """The first attempt can come before later requests' prompts were prefilled (they arrived a little late):
+    the next attempt comes MIN_SAMPLES steps later, not refit_every."""
+    import random
+
+    import block.predictor.calibration as calibration
+    from simulator.timing import Calibrated, StepSample
+
+    online = calibration.OnlineCalibration(calibration.build_predictor(LengthPrior([100] * 10), TIMING),
+                                           refit_every=500)
+    truth = Calibrated(0.004, 2e-5, 1e-5, 3e-8, 4e-10)
+    rng = random.Random(1)
+
+    def step(prefill: bool) -> StepSample:
+        pre = ((rng.randint(16, 512), 0),) if prefill else ()
+        n = rng.randint(1, 32)
+        ctx = n * rng.randint(50, 900)
+        return StepSample(pre, n, ctx, truth.step_time(pre, n, ctx))
+
+    online.add([step(prefill=i == 0) for i in range(70)])  # one request so far: one prefill, then decodes
+    assert online.tried and online.fits == 0
+    online.add([step(prefill=i % 4 == 0) for i in range(calibration.MIN_SAMPLES)])  # the others arrive
+    assert online.fits == 1 and online.predictor.label.startswith("timing=calibrated(")

@@ -32,6 +32,7 @@ from simulator.workload import LengthPrior
 
 MIN_SAMPLES = 50  # fewer step times than this do not pin down a five-coefficient model
 HOLDOUT_EVERY = 5  # every fifth sample is kept out of the fit and scores it
+EARLY_RETRIES = 5  # failed first fits retried after MIN_SAMPLES more steps, before falling back to refit_every
 MAX_TRACKED = 1024  # requests whose last token time a stream view remembers
 
 
@@ -193,7 +194,8 @@ class StreamSteps:
 class OnlineCalibration:
     """Refits a live predictor's timing model from the step times its engine shows.
 
-    The first fit happens once ``MIN_SAMPLES`` steps besides the held-out ones arrived; afterwards every
+    The first fit happens once ``MIN_SAMPLES`` steps besides the held-out ones arrived (the first
+    ``EARLY_RETRIES`` failed attempts are retried every ``MIN_SAMPLES`` steps); afterwards every
     ``refit_every`` new steps, on the most recent ``window`` (an engine's speed drifts with its load mix,
     and old samples should fade). Every fifth sample is held out and scores the fit (``fit_error_pct``);
     samples rebuilt from streams lose their outliers before fitting (``without_outliers``). A fit waits
@@ -210,7 +212,8 @@ class OnlineCalibration:
         self.refit_every = refit_every
         self.since_fit = 0
         self.fits = 0
-        self.tried = False  # a fit was attempted: the next waits for refit_every more samples
+        self.tried = False  # a fit was attempted: the next waits for more samples
+        self.attempts = 0
         self.error_pct: float | None = None
         self.stream_error_pct: float | None = None  # the fit scored on the iterations the streams show
         self.source = "none"  # where step times come from
@@ -230,7 +233,13 @@ class OnlineCalibration:
         self.samples.extend(new)
         self.since_fit += len(new)
         first = MIN_SAMPLES * HOLDOUT_EVERY // (HOLDOUT_EVERY - 1) + 1  # MIN_SAMPLES besides the held-out ones
-        due = self.since_fit >= self.refit_every if self.tried else len(self.samples) >= first
+        # until a fit succeeds, the first failed ones are retried every MIN_SAMPLES steps: requests that arrive
+        # after the first attempt bring the prefill iterations it lacked (waiting refit_every steps for them
+        # left a side-car on its roofline for a whole burst); steps that never identify the model (one prompt
+        # length) then cost a fit every refit_every steps, as before
+        early = not self.fits and self.attempts <= EARLY_RETRIES
+        due = self.since_fit >= (MIN_SAMPLES if early else self.refit_every) if self.tried \
+            else len(self.samples) >= first
         if due:
             self._refit()
 
@@ -258,6 +267,7 @@ class OnlineCalibration:
         few prefills) leave the predictor as it is until ``refit_every`` more arrive. Retrying on every poll
         instead refitted the whole window four times a second and took 13% of a loaded side-car's CPU."""
         self.tried, self.since_fit = True, 0
+        self.attempts += 1
         prior = self.predictor.prior
         data = list(self.samples)
         held = data[::HOLDOUT_EVERY]
