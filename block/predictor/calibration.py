@@ -264,7 +264,7 @@ class OnlineCalibration:
 
     def _refit(self) -> None:
         """Fit on the samples so far; samples that do not identify the model yet (one prompt length only, too
-        few prefills) leave the predictor as it is until ``refit_every`` more arrive. Retrying on every poll
+        few prefills) leave the predictor as it is until more arrive (``add`` says how many). Retrying on every poll
         instead refitted the whole window four times a second and took 13% of a loaded side-car's CPU."""
         self.tried, self.since_fit = True, 0
         self.attempts += 1
