@@ -53,11 +53,15 @@ class Prediction:
         (A scheduler converts every mirrored prediction: the constructor costs a third of ``replace``.)"""
         if time_scale == 1.0:
             return self
+        return self._derived(time_scale, self.instance, self.state_age / time_scale, self.compute_ms)
+
+    def _derived(self, time_scale: float, instance: str, state_age: float, compute_ms: float) -> Prediction:
+        """This prediction's durations over ``time_scale``, for another instance, state age and compute time."""
         s = time_scale
-        return Prediction(instance=self.instance, ttft=self.ttft / s, e2e=self.e2e / s, queueing=self.queueing / s,
+        return Prediction(instance=instance, ttft=self.ttft / s, e2e=self.e2e / s, queueing=self.queueing / s,
                           added_delay=self.added_delay / s, kv_pressure=self.kv_pressure,
-                          preemptions=self.preemptions, state_age=self.state_age / s, horizon_hit=self.horizon_hit,
-                          compute_ms=self.compute_ms, output_tokens=self.output_tokens, hit_tokens=self.hit_tokens)
+                          preemptions=self.preemptions, state_age=state_age, horizon_hit=self.horizon_hit,
+                          compute_ms=compute_ms, output_tokens=self.output_tokens, hit_tokens=self.hit_tokens)
 
 
 @dataclass
@@ -145,12 +149,9 @@ class Predictor:
         t0 = time.perf_counter()
         now = state.clock if now is None else now
         idle = self._idle_key(state, candidate, now, target, with_impact) if not (extra or timed_extra) else None
-        if idle is not None and (known := self._idle_memo().get(idle)) is not None:
-            return Prediction(instance=instance, ttft=known.ttft, e2e=known.e2e, queueing=known.queueing,
-                              added_delay=known.added_delay, kv_pressure=known.kv_pressure,
-                              preemptions=known.preemptions, state_age=now - state.clock, horizon_hit=known.horizon_hit,
-                              compute_ms=(time.perf_counter() - t0) * 1e3, output_tokens=known.output_tokens,
-                              hit_tokens=known.hit_tokens)
+        memo = self._idle_memo() if idle is not None else None
+        if memo is not None and (known := memo.get(idle)) is not None:
+            return known._derived(1.0, instance, now - state.clock, (time.perf_counter() - t0) * 1e3)
         eng = self.fork(state)
         arrival = now  # the fork may be mid-iteration past it: the candidate then waits, as it would
         median = self.prior.median  # what a request without an estimate runs to (Engine.add_estimated)
@@ -185,8 +186,8 @@ class Predictor:
             output_tokens=cand.target,
             hit_tokens=cand.hit_blocks * state.config.block_size,
         )
-        if idle is not None:
-            self._idle_memo()[idle] = pred
+        if memo is not None:
+            memo[idle] = pred
         return pred
 
     def _added_delay(self, state: InstanceState, with_cand: Engine, arrival: float,
