@@ -212,8 +212,7 @@ class OnlineCalibration:
         self.refit_every = refit_every
         self.since_fit = 0
         self.fits = 0
-        self.tried = False  # a fit was attempted: the next waits for more samples
-        self.attempts = 0
+        self.attempts = 0  # fits attempted, failed ones included: after one, the next waits for more samples
         self.error_pct: float | None = None
         self.stream_error_pct: float | None = None  # the fit scored on the iterations the streams show
         self.source = "none"  # where step times come from
@@ -222,6 +221,10 @@ class OnlineCalibration:
         self._from_streams = False
         self._itl_base: tuple[float, float] | None = None
         self.engine_itl_s: float | None = None
+
+    @property
+    def tried(self) -> bool:
+        return self.attempts > 0
 
     def use_streams(self) -> None:
         """The engine reports no step times (vLLM): fit on what the proxied streams show."""
@@ -237,9 +240,11 @@ class OnlineCalibration:
         # after the first attempt bring the prefill iterations it lacked (waiting refit_every steps for them
         # left a side-car on its roofline for a whole burst); steps that never identify the model (one prompt
         # length) then cost a fit every refit_every steps, as before
-        early = not self.fits and self.attempts <= EARLY_RETRIES
-        due = self.since_fit >= (MIN_SAMPLES if early else self.refit_every) if self.tried \
-            else len(self.samples) >= first
+        if not self.tried:
+            due = len(self.samples) >= first
+        else:
+            early = not self.fits and self.attempts <= EARLY_RETRIES
+            due = self.since_fit >= (MIN_SAMPLES if early else self.refit_every)
         if due:
             self._refit()
 
@@ -266,7 +271,7 @@ class OnlineCalibration:
         """Fit on the samples so far; samples that do not identify the model yet (one prompt length only, too
         few prefills) leave the predictor as it is until more arrive (``add`` says how many). Retrying on every poll
         instead refitted the whole window four times a second and took 13% of a loaded side-car's CPU."""
-        self.tried, self.since_fit = True, 0
+        self.since_fit = 0
         self.attempts += 1
         prior = self.predictor.prior
         data = list(self.samples)
